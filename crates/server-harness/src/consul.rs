@@ -32,7 +32,6 @@ use crate::util::{LOCALHOST, PortLease, reserve_ports, temp_dir, write_file};
 
 /// How to start Consul. `Default`: one `-dev` agent, plain HTTP, no ACLs.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct ConsulConfig {
     /// Number of servers. 1 = a single agent; more = `-server -bootstrap-expect N`.
     pub servers: usize,
@@ -344,6 +343,7 @@ impl ConsulServer {
                         .members
                         .iter()
                         .position(|x| addr == format!("127.0.0.1:{}", x.server_port))
+                    && self.members[i].managed.is_running()
                 {
                     return Ok(i);
                 }

@@ -20,7 +20,6 @@ use crate::util::{LOCALHOST, PortLease, random_token, reserve_ports, temp_dir};
 
 /// How to start etcd. `Default`: one member, plain HTTP, no auth.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct EtcdConfig {
     /// Number of members (1 or more; 3 for a real quorum).
     pub members: usize,

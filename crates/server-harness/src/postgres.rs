@@ -32,7 +32,6 @@ const DATABASE: &str = "postgres";
 
 /// How to start a PostgreSQL server. `Default`: trust authentication, no TLS, `fsync=on`.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct PostgresConfig {
     /// SCRAM-SHA-256 password authentication for TCP connections plus `ssl=on` with a fresh
     /// CA (the URL then asks for `sslmode=verify-full`).

@@ -15,7 +15,6 @@ use crate::util::{LOCALHOST, PortLease, random_token, reserve_port, temp_dir, wr
 
 /// How to start a Redis server. `Default` is a plain server without persistence.
 #[derive(Debug, Clone, Default)]
-#[non_exhaustive]
 pub struct RedisConfig {
     /// Serve TLS only (`tls-port`, `port 0`) with a fresh CA; clients need not present a
     /// certificate.
