@@ -33,6 +33,8 @@ pub(crate) struct Held {
     pub(crate) hold_until: Option<Instant>,
     pub(crate) loss: LossSignal,
     pub(crate) done: AtomicBool,
+    /// Renewal was cut short by the maximum hold time.
+    capped: AtomicBool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -50,6 +52,7 @@ impl Held {
             lease: Mutex::new(lease),
             auto_renew,
             done: AtomicBool::new(false),
+            capped: AtomicBool::new(false),
         }
     }
 
@@ -80,6 +83,9 @@ impl Held {
             None => self.renew_ttl,
             Some(until) => self.renew_ttl.min(until.saturating_duration_since(now)),
         };
+        if ttl < self.renew_ttl {
+            self.capped.store(true, Ordering::Relaxed);
+        }
         (ttl >= min_ttl && !ttl.is_zero()).then_some(ttl)
     }
 }
@@ -282,10 +288,8 @@ impl Task {
                 continue;
             }
             if now >= held.valid_until() {
-                let stopped_by_hold = held.auto_renew
-                    && held.hold_until.is_some()
-                    && held.next_ttl(now, min_ttl).is_none();
-                held.lose(if stopped_by_hold {
+                let capped = held.capped.load(Ordering::Relaxed);
+                held.lose(if capped {
                     LossReason::MaxHoldReached
                 } else {
                     LossReason::Expired
