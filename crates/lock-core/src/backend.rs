@@ -5,21 +5,7 @@
 //! with deadlines, cancellation, retries with jittered backoff, guards,
 //! renewal and tracing are written once, in the [client](crate::LockClient).
 //!
-//! # Contract
-//! - `try_acquire` is one atomic request: it grants the lock with a fresh
-//!   lease and a fencing token, or reports the key as held. Contention is not
-//!   an error.
-//! - `extend` and `release` are conditional on the lease's
-//!   [`OwnerToken`](crate::OwnerToken): a lease that is not ours changes
-//!   nothing (`extend` returns [`Error::LockLost`], `release` returns
-//!   `Ok(false)`).
-//! - The client never drops a backend future half-way on purpose: it runs
-//!   every acquire in its own task and tells it to stop through the
-//!   `cancel` token. A backend that queues waiters (etcd keys, a Redis FIFO
-//!   list, PostgreSQL's advisory queue) removes its queue entry before
-//!   [`Backend::acquire`] returns, on every path.
-//! - Backends never panic on input and map every failure into
-//!   [`Error`] with their name and what they were doing.
+//! The contract every backend keeps is on [`Backend`].
 
 use std::fmt;
 use std::time::Duration;
@@ -92,8 +78,23 @@ impl Attempt {
 
 /// A lock store. Object-safe: the client holds an `Arc<dyn Backend>`.
 ///
-/// See the [module docs](self) for the contract, and
-/// [`MemoryBackend`](crate::memory::MemoryBackend) for a complete example.
+/// [`MemoryBackend`](crate::memory::MemoryBackend) is a complete example.
+///
+/// # Contract
+/// - `try_acquire` is one atomic request: it grants the lock with a fresh
+///   lease and a fencing token, or reports the key as held. Contention is not
+///   an error.
+/// - `extend` and `release` are conditional on the lease's
+///   [`OwnerToken`](crate::OwnerToken): a lease that is not ours changes
+///   nothing (`extend` returns [`Error::LockLost`], `release` returns
+///   `Ok(false)`).
+/// - The client never drops a backend future half-way on purpose: it runs
+///   every acquire in its own task and tells it to stop through the
+///   `cancel` token. A backend that queues waiters (etcd keys, a Redis FIFO
+///   list, PostgreSQL's advisory queue) removes its queue entry before
+///   [`Backend::acquire`] returns, on every path.
+/// - Backends never panic on input and map every failure into
+///   [`Error`] with their name and what they were doing.
 #[async_trait]
 pub trait Backend: Send + Sync + fmt::Debug + 'static {
     /// What this backend supports, and its limits.
