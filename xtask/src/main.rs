@@ -151,9 +151,11 @@ fn run_test() -> AnyResult<()> {
 fn run_bench(quick: bool) -> AnyResult<()> {
     let root = root()?;
     if !root.join("crates/benches/Cargo.toml").is_file() {
-        return Err("there is no benches crate yet (expected crates/benches/Cargo.toml, \
+        return Err(
+            "there is no benches crate yet (expected crates/benches/Cargo.toml, \
                     package `benches`); nothing to run"
-            .into());
+                .into(),
+        );
     }
     run_install()?;
     let mut cmd = cargo();
@@ -211,10 +213,7 @@ fn read_state() -> AnyResult<Vec<Running>> {
         }
         out.push(Running {
             kind: cols[0].to_string(),
-            pgids: cols[1]
-                .split(',')
-                .filter_map(|p| p.parse().ok())
-                .collect(),
+            pgids: cols[1].split(',').filter_map(|p| p.parse().ok()).collect(),
             dir: PathBuf::from(cols[2]),
             url: cols[3].to_string(),
         });

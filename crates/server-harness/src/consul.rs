@@ -182,7 +182,7 @@ impl ConsulServer {
         } else {
             None
         };
-        let token = config.secure.then(|| uuid_like_token());
+        let token = config.secure.then(uuid_like_token);
         let n = config.servers;
         let ports_each = if config.secure { 5 } else { 4 };
         let mut leases = Vec::new();

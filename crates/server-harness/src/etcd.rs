@@ -84,7 +84,11 @@ impl EtcdMember {
     /// Whether this member currently believes it is the leader (from `/metrics`).
     pub fn is_leader(&self) -> bool {
         probe::http_get(self.metrics_addr(), "/metrics")
-            .map(|r| r.body.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
+            .map(|r| {
+                r.body
+                    .lines()
+                    .any(|l| l.trim() == "etcd_server_is_leader 1")
+            })
             .unwrap_or(false)
     }
 

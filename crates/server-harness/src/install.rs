@@ -222,7 +222,14 @@ pub fn system_debian_mirror() -> Result<String> {
 /// Whether a suite name is a Debian main-archive suite (not security, not a third party).
 fn is_debian_suite(suite: &str) -> bool {
     const RELEASES: [&str; 9] = [
-        "buster", "bullseye", "bookworm", "trixie", "forky", "sid", "stable", "oldstable",
+        "buster",
+        "bullseye",
+        "bookworm",
+        "trixie",
+        "forky",
+        "sid",
+        "stable",
+        "oldstable",
         "testing",
     ];
     let base = suite.split('-').next().unwrap_or(suite);
@@ -282,8 +289,14 @@ fn mirror_from_one_line(text: &str) -> Option<String> {
 
 fn apt_options(apt: &Path) -> Vec<String> {
     let mut o = vec![
-        format!("Dir::Etc::SourceList={}", apt.join("sources.list").display()),
-        format!("Dir::Etc::SourceParts={}", apt.join("sources.list.d").display()),
+        format!(
+            "Dir::Etc::SourceList={}",
+            apt.join("sources.list").display()
+        ),
+        format!(
+            "Dir::Etc::SourceParts={}",
+            apt.join("sources.list.d").display()
+        ),
         format!("Dir::State={}", apt.join("state").display()),
         format!("Dir::Cache={}", apt.join("cache").display()),
         "Dir::State::status=/var/lib/dpkg/status".to_string(),
@@ -335,7 +348,11 @@ fn fetch_foreign(servers: &Path, packages: &[ForeignPackage]) -> Result<Vec<Stri
 
     let mut wanted = Vec::new();
     for p in packages {
-        let madison = run_command(Command::new("apt-cache").args(&opts).args(["madison", p.name]))?;
+        let madison = run_command(
+            Command::new("apt-cache")
+                .args(&opts)
+                .args(["madison", p.name]),
+        )?;
         let version = madison
             .lines()
             .filter_map(|l| {

@@ -129,7 +129,8 @@ impl PostgresServer {
         let root = dir.path();
         let data = root.join("data");
         let sock = root.join("socket");
-        std::fs::create_dir(&sock).map_err(|e| Error::io(format!("mkdir {}", sock.display()), e))?;
+        std::fs::create_dir(&sock)
+            .map_err(|e| Error::io(format!("mkdir {}", sock.display()), e))?;
         let tls = if config.secure {
             Some(tls::generate(root)?)
         } else {
@@ -178,7 +179,10 @@ impl PostgresServer {
             sock.display().to_string(),
         ];
         let mut settings: Vec<(String, String)> = vec![
-            ("fsync".into(), if config.fsync { "on" } else { "off" }.into()),
+            (
+                "fsync".into(),
+                if config.fsync { "on" } else { "off" }.into(),
+            ),
             ("password_encryption".into(), "scram-sha-256".into()),
             ("logging_collector".into(), "off".into()),
             ("shared_buffers".into(), "32MB".into()),
@@ -243,7 +247,10 @@ impl PostgresServer {
                 t.ca_cert.display()
             ),
             (Some(pw), None) => {
-                format!("postgres://{SUPERUSER}:{pw}@127.0.0.1:{}/{DATABASE}", self.port)
+                format!(
+                    "postgres://{SUPERUSER}:{pw}@127.0.0.1:{}/{DATABASE}",
+                    self.port
+                )
             }
             _ => format!("postgres://{SUPERUSER}@127.0.0.1:{}/{DATABASE}", self.port),
         }

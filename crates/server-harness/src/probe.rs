@@ -17,7 +17,11 @@ fn connect(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
 }
 
 /// Sends a Redis command in RESP and returns the first reply line (e.g. `+PONG`, `-NOAUTH ...`).
-pub fn redis_command(addr: SocketAddr, args: &[&str], timeout: Duration) -> std::io::Result<String> {
+pub fn redis_command(
+    addr: SocketAddr,
+    args: &[&str],
+    timeout: Duration,
+) -> std::io::Result<String> {
     let mut s = connect(addr, timeout)?;
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
@@ -56,7 +60,9 @@ fn read_line(s: &mut TcpStream) -> std::io::Result<String> {
 /// which also proves it is up).
 pub(crate) fn redis_ping(addr: SocketAddr) -> bool {
     match redis_command(addr, &["PING"], PROBE_TIMEOUT) {
-        Ok(line) => line == "+PONG" || line.starts_with("-NOAUTH") || line.starts_with("-WRONGPASS"),
+        Ok(line) => {
+            line == "+PONG" || line.starts_with("-NOAUTH") || line.starts_with("-WRONGPASS")
+        }
         Err(_) => false,
     }
 }

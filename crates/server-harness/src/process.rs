@@ -200,7 +200,8 @@ fn spawn_watcher(pgid: u32, dir: Option<&Path>) -> Result<(Child, ChildStdin)> {
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(
-            r#"read _ignored; kill -KILL -- "-$1" 2>/dev/null; sleep 0.2; kill -KILL -- "-$1" 2>/dev/null; if [ -n "$2" ]; then rm -rf -- "$2"; fi"#,
+            // POSIX sh (dash) `kill` knows no `--`; `-9 -PGID` is portable.
+            r#"read _ignored; kill -9 -"$1" 2>/dev/null; sleep 0.2; kill -9 -"$1" 2>/dev/null; if [ -n "$2" ]; then rm -rf -- "$2"; fi"#,
         )
         .arg("distlock-harness-watcher")
         .arg(pgid.to_string())

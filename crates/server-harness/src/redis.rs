@@ -117,7 +117,10 @@ impl RedisServer {
         write_file(&conf_path, conf.join("\n") + "\n")?;
 
         let spec = ProcSpec {
-            name: format!("redis-server on 127.0.0.1:{port} ({})", dir.path().display()),
+            name: format!(
+                "redis-server on 127.0.0.1:{port} ({})",
+                dir.path().display()
+            ),
             program: binary.to_path_buf(),
             args: vec![conf_path.display().to_string()],
             env: Vec::new(),

@@ -9,14 +9,22 @@ const T: Duration = Duration::from_secs(5);
 
 fn put(addr: std::net::SocketAddr, token: Option<&str>, key: &str, value: &str) -> u16 {
     let headers: Vec<(&str, &str)> = token.map(|t| ("X-Consul-Token", t)).into_iter().collect();
-    http_request(addr, "PUT", &format!("/v1/kv/{key}"), &headers, Some(value), T)
-        .expect("put")
-        .status
+    http_request(
+        addr,
+        "PUT",
+        &format!("/v1/kv/{key}"),
+        &headers,
+        Some(value),
+        T,
+    )
+    .expect("put")
+    .status
 }
 
 fn get_raw(addr: std::net::SocketAddr, token: Option<&str>, key: &str) -> (u16, String) {
     let headers: Vec<(&str, &str)> = token.map(|t| ("X-Consul-Token", t)).into_iter().collect();
-    let r = http_request(addr, "GET", &format!("/v1/kv/{key}?raw"), &headers, None, T).expect("get");
+    let r =
+        http_request(addr, "GET", &format!("/v1/kv/{key}?raw"), &headers, None, T).expect("get");
     (r.status, r.body)
 }
 
@@ -41,14 +49,25 @@ fn dev_agent_answers_allows_short_ttl_and_restarts_empty() {
     assert_eq!(r.status, 200, "short TTL refused: {}", r.body);
 
     consul.pause().unwrap();
-    let paused = http_request(addr, "GET", "/v1/kv/k?raw", &[], None, Duration::from_millis(300));
+    let paused = http_request(
+        addr,
+        "GET",
+        "/v1/kv/k?raw",
+        &[],
+        None,
+        Duration::from_millis(300),
+    );
     assert!(paused.is_err(), "paused agent answered: {paused:?}");
     consul.resume().unwrap();
     assert_eq!(get_raw(addr, None, "k").0, 200);
 
     consul.restart().unwrap();
     assert_eq!(consul.http_addr(), addr);
-    assert_eq!(get_raw(addr, None, "k").0, 404, "a -dev agent restarts empty");
+    assert_eq!(
+        get_raw(addr, None, "k").0,
+        404,
+        "a -dev agent restarts empty"
+    );
 }
 
 #[test]
@@ -85,7 +104,11 @@ fn secure_agent_enforces_acl_and_serves_https() {
     let token = consul.token().expect("token");
     assert!(consul.url().starts_with("https://127.0.0.1:"));
     let addr = consul.http_addr();
-    assert_eq!(put(addr, None, "k", "v"), 403, "anonymous write must be denied");
+    assert_eq!(
+        put(addr, None, "k", "v"),
+        403,
+        "anonymous write must be denied"
+    );
     assert_eq!(put(addr, Some(token), "k", "v"), 200);
     assert_eq!(get_raw(addr, Some(token), "k"), (200, "v".to_string()));
     // A real TLS handshake on the HTTPS port, with curl when it is there.

@@ -25,7 +25,10 @@ fn get(addr: std::net::SocketAddr, key_b64: &str) -> String {
 fn single_member_keeps_keys_across_restart_and_pauses() {
     let etcd = EtcdServer::start().expect("start etcd");
     let m = etcd.member(0).unwrap();
-    assert_eq!(etcd.url(), format!("http://127.0.0.1:{}", m.client_addr().port()));
+    assert_eq!(
+        etcd.url(),
+        format!("http://127.0.0.1:{}", m.client_addr().port())
+    );
     // key "k" = "aw==", value "v" = "dg=="
     assert_eq!(put(m.client_addr(), "aw==", "dg=="), 200);
     assert!(get(m.client_addr(), "aw==").contains(r#""value":"dg==""#));
@@ -68,7 +71,10 @@ fn three_member_cluster_survives_leader_loss() {
 
     etcd.member(leader).unwrap().restart().unwrap();
     let back = etcd.member(leader).unwrap().client_addr();
-    assert!(get(back, "aw==").contains("dg=="), "restarted member lost the key");
+    assert!(
+        get(back, "aw==").contains("dg=="),
+        "restarted member lost the key"
+    );
 }
 
 #[test]
@@ -95,7 +101,10 @@ fn secure_etcd_requires_tls_and_password() {
     // Same endpoint and CA but no user: auth is enforced.
     let out = std::process::Command::new(etcd.etcdctl())
         .arg(format!("--endpoints={}", etcd.url()))
-        .arg(format!("--cacert={}", etcd.tls().unwrap().ca_cert.display()))
+        .arg(format!(
+            "--cacert={}",
+            etcd.tls().unwrap().ca_cert.display()
+        ))
         .args(["get", "greeting"])
         .output()
         .unwrap();

@@ -11,7 +11,8 @@ fn postgres_answers_and_keeps_data_across_restart() {
         pg.url(),
         format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port())
     );
-    pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (42)").unwrap();
+    pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (42)")
+        .unwrap();
     assert_eq!(pg.psql("SHOW fsync").unwrap(), "on");
 
     let port = pg.port();
@@ -36,7 +37,10 @@ fn paused_postgres_times_out_then_recovers() {
         if cmd.output().unwrap().status.success() {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no recovery after resume");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery after resume"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(pg.psql("SELECT 1").unwrap(), "1");
@@ -50,8 +54,15 @@ fn secure_postgres_needs_password_and_speaks_tls() {
     assert!(pg.url().contains(&format!(":{password}@")));
     assert!(pg.url().contains("sslmode=verify-full"));
     // psql with the full URL verifies the certificate against our CA and uses SCRAM.
-    assert_eq!(pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").unwrap(), "t");
-    assert_eq!(pg.psql("SHOW password_encryption").unwrap(), "scram-sha-256");
+    assert_eq!(
+        pg.psql("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .unwrap(),
+        "t"
+    );
+    assert_eq!(
+        pg.psql("SHOW password_encryption").unwrap(),
+        "scram-sha-256"
+    );
     // Without the password, TCP connections are refused.
     let out = std::process::Command::new(pg.bin_dir().join("psql"))
         .arg("-X")

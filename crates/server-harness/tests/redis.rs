@@ -18,7 +18,10 @@ fn plain_redis_answers_and_restart_keeps_port_but_not_data() {
 
     redis.stop().unwrap();
     assert!(!redis.is_running());
-    assert!(redis_command(addr, &["PING"], T).is_err(), "stopped server answered");
+    assert!(
+        redis_command(addr, &["PING"], T).is_err(),
+        "stopped server answered"
+    );
 
     redis.restart().unwrap();
     assert_eq!(redis.addr(), addr);
@@ -49,7 +52,10 @@ fn many_masters_are_independent() {
     ports.dedup();
     assert_eq!(ports.len(), 3);
     redis_command(masters[0].addr(), &["SET", "only-here", "1"], T).unwrap();
-    assert_eq!(redis_command(masters[1].addr(), &["EXISTS", "only-here"], T).unwrap(), ":0");
+    assert_eq!(
+        redis_command(masters[1].addr(), &["EXISTS", "only-here"], T).unwrap(),
+        ":0"
+    );
 }
 
 #[test]
@@ -66,7 +72,10 @@ fn secure_redis_has_tls_and_acl() {
     );
     // Plain RESP on the TLS port is not understood: the server closes or answers garbage.
     let plain = redis_command(redis.addr(), &["PING"], Duration::from_millis(500));
-    assert!(!matches!(plain.as_deref(), Ok("+PONG")), "TLS port answered plaintext");
+    assert!(
+        !matches!(plain.as_deref(), Ok("+PONG")),
+        "TLS port answered plaintext"
+    );
     // A real TLS + AUTH exchange with the Debian client, when it is there.
     let cli = std::path::Path::new("/usr/bin/redis-cli");
     if cli.exists() {
@@ -74,10 +83,21 @@ fn secure_redis_has_tls_and_acl() {
             .args(["--tls", "--cacert"])
             .arg(&tls.ca_cert)
             .args(["-h", "127.0.0.1", "-p", &redis.port().to_string()])
-            .args(["--user", "distlock", "--pass", password, "--no-auth-warning", "PING"])
+            .args([
+                "--user",
+                "distlock",
+                "--pass",
+                password,
+                "--no-auth-warning",
+                "PING",
+            ])
             .output()
             .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "PONG", "{out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "PONG",
+            "{out:?}"
+        );
         let anon = std::process::Command::new(cli)
             .args(["--tls", "--cacert"])
             .arg(&tls.ca_cert)
@@ -86,7 +106,10 @@ fn secure_redis_has_tls_and_acl() {
             .unwrap();
         let text = String::from_utf8_lossy(&anon.stdout).to_string()
             + &String::from_utf8_lossy(&anon.stderr);
-        assert!(text.contains("NOAUTH") || text.contains("NOPERM"), "default user must be off: {text}");
+        assert!(
+            text.contains("NOAUTH") || text.contains("NOPERM"),
+            "default user must be off: {text}"
+        );
     }
 }
 

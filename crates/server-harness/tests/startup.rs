@@ -1,0 +1,28 @@
+//! Start-up time of the four single servers, one after another (the crate docs quote it).
+
+use std::time::{Duration, Instant};
+
+use server_harness::{ConsulServer, EtcdServer, PostgresServer, RedisServer};
+
+#[test]
+fn four_single_servers_start_within_ten_seconds() {
+    let all = Instant::now();
+    let t = Instant::now();
+    let redis = RedisServer::start().expect("redis");
+    let redis_t = t.elapsed();
+    let t = Instant::now();
+    let pg = PostgresServer::start().expect("postgres");
+    let pg_t = t.elapsed();
+    let t = Instant::now();
+    let etcd = EtcdServer::start().expect("etcd");
+    let etcd_t = t.elapsed();
+    let t = Instant::now();
+    let consul = ConsulServer::start().expect("consul");
+    let consul_t = t.elapsed();
+    let total = all.elapsed();
+    println!(
+        "start-up: redis {redis_t:?}, postgres {pg_t:?}, etcd {etcd_t:?}, consul {consul_t:?}; total {total:?}"
+    );
+    assert!(total < Duration::from_secs(10), "start-up took {total:?}");
+    drop((redis, pg, etcd, consul));
+}
