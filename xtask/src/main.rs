@@ -99,7 +99,10 @@ fn run_test() -> AnyResult<()> {
     let mut doc = step("cargo doc", &["doc", "--workspace", "--no-deps"]);
     doc.cmd.env("RUSTDOCFLAGS", "-D warnings");
     let steps = vec![
-        step("cargo test", &["test", "--workspace", "--all-targets"]),
+        step(
+            "cargo test",
+            &["test", "--workspace", "--all-targets", "--no-fail-fast"],
+        ),
         step("cargo test --doc", &["test", "--workspace", "--doc"]),
         step(
             "cargo clippy",

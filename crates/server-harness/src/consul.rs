@@ -267,7 +267,10 @@ impl ConsulServer {
             };
             let http = SocketAddr::from((LOCALHOST, http_port));
             let probe_token = token.clone();
-            let probe = Arc::new(move |_: &ProbeCtx| consul_ready(http, probe_token.as_deref()));
+            let probe_node = node.clone();
+            let probe = Arc::new(move |_: &ProbeCtx| {
+                consul_ready(http, &probe_node, probe_token.as_deref())
+            });
             members.push(ConsulMember {
                 managed: Managed::new(spec, probe, Duration::from_secs(45)),
                 node,
@@ -391,8 +394,10 @@ fn uuid_like_token() -> String {
     )
 }
 
-/// Ready = a leader is known and, with ACLs, the master token resolves.
-fn consul_ready(http: SocketAddr, token: Option<&str>) -> bool {
+/// Ready = a leader is known, and this agent's node is registered with a passing
+/// `serfHealth` check (before that, creating a session fails with "Missing node
+/// registration"). With ACLs, the master token must already resolve for that query.
+fn consul_ready(http: SocketAddr, node: &str, token: Option<&str>) -> bool {
     let Some(r) = probe::http_get(http, "/v1/status/leader") else {
         return false;
     };
@@ -400,18 +405,25 @@ fn consul_ready(http: SocketAddr, token: Option<&str>) -> bool {
     if r.status != 200 || leader.is_empty() {
         return false;
     }
-    let Some(token) = token else {
-        return true;
-    };
+    let headers: Vec<(&str, &str)> = token.map(|t| ("X-Consul-Token", t)).into_iter().collect();
     probe::http_request(
         http,
         "GET",
-        "/v1/acl/token/self",
-        &[("X-Consul-Token", token)],
+        &format!("/v1/health/node/{node}"),
+        &headers,
         None,
         Duration::from_millis(500),
     )
-    .map(|r| r.status == 200)
+    .ok()
+    .and_then(|r| {
+        let checks: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+        let ok = r.status == 200
+            && checks
+                .as_array()?
+                .iter()
+                .any(|c| c["CheckID"] == "serfHealth" && c["Status"] == "passing");
+        Some(ok)
+    })
     .unwrap_or(false)
 }
 

@@ -77,12 +77,21 @@
 //!
 //! # Start-up times
 //!
-//! Measured on the 2-core development machine (debug build, warm page cache), one start
-//! each, sequentially: Redis ~10 ms, PostgreSQL ~0.9 s (initdb + start), etcd ~1.2 s
-//! (single member, includes electing itself), Consul `-dev` ~1.5 s (until it reports a
-//! leader); all four in about 3.5 s. A 3-member etcd cluster takes ~2 s, a 3-server Consul
-//! cluster ~4 s. Run `cargo test -p server-harness --test startup -- --nocapture` to measure
-//! on your machine.
+//! Measured on the 2-core development machine (debug build, warm page cache, started one
+//! after another, until each answers its protocol probe), three runs:
+//!
+//! | server | start-up |
+//! |---|---|
+//! | Redis | 20–45 ms |
+//! | PostgreSQL (`initdb --no-sync` + start) | 0.9–1.4 s |
+//! | etcd, one member (until `/health` is true, i.e. it has elected itself) | 0.4–0.8 s |
+//! | Consul `-dev` (until `/v1/status/leader` is non-empty) | 0.13–0.19 s |
+//! | **all four** | **1.9–2.1 s** |
+//! | etcd, 3 members | 0.3–0.5 s |
+//! | Consul, 3 servers (`raft_multiplier = 1`) | ~1.2 s |
+//!
+//! `cargo test -p server-harness --test startup -- --nocapture --test-threads=1` measures
+//! them on your machine (and fails if the four take 10 s or more).
 //!
 //! # Versions and servers' own limits
 //!
