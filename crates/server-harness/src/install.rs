@@ -131,12 +131,38 @@ pub fn missing_system_packages() -> Vec<&'static str> {
         .collect()
 }
 
-/// The foreign packages whose binaries are not found anywhere.
+/// The foreign packages whose binaries are not found, or are found with the wrong version
+/// (say Debian 12's own etcd 3.4 on `PATH`). A binary set by its override variable is taken
+/// as it is: that is the user's explicit choice.
 pub fn missing_foreign_packages() -> Vec<ForeignPackage> {
     FOREIGN_PACKAGES
         .into_iter()
-        .filter(|p| p.provides.locate().is_err())
+        .filter(|p| match p.provides.locate() {
+            Err(_) => true,
+            Ok(path) => {
+                std::env::var_os(p.provides.env_var()).is_none_or(|v| v.is_empty())
+                    && !has_version(&path, p)
+            }
+        })
         .collect()
+}
+
+/// Whether the binary at `path` reports a version starting with the package's prefix.
+fn has_version(path: &Path, p: &ForeignPackage) -> bool {
+    let arg = if p.provides == Binary::Etcd {
+        "--version"
+    } else {
+        "version"
+    };
+    Command::new(path)
+        .arg(arg)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.split(|c: char| c.is_whitespace() || c == 'v')
+                .any(|word| word.starts_with(p.version_prefix))
+        })
+        .unwrap_or(false)
 }
 
 /// Installs whatever is missing; does nothing (quickly) when all is in place.

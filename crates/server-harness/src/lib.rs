@@ -85,10 +85,10 @@
 //! | Redis | 20–45 ms |
 //! | PostgreSQL (`initdb --no-sync` + start) | 0.9–1.4 s |
 //! | etcd, one member (until `/health` is true, i.e. it has elected itself) | 0.4–0.8 s |
-//! | Consul `-dev` (until `/v1/status/leader` is non-empty) | 0.13–0.19 s |
+//! | Consul `-dev` (until it has a leader and its node is registered) | 0.13–0.19 s |
 //! | **all four** | **1.9–2.1 s** |
-//! | etcd, 3 members | 0.3–0.5 s |
-//! | Consul, 3 servers (`raft_multiplier = 1`) | ~1.2 s |
+//! | etcd, 3 members | 0.3–2.3 s |
+//! | Consul, 3 servers (`raft_multiplier = 1`) | 1.2–1.7 s |
 //!
 //! `cargo test -p server-harness --test startup -- --nocapture --test-threads=1` measures
 //! them on your machine (and fails if the four take 10 s or more).
