@@ -83,8 +83,8 @@
 //! | server | start-up |
 //! |---|---|
 //! | Redis | 20–45 ms |
-//! | PostgreSQL (`initdb --no-sync` + start) | 0.9–1.4 s |
-//! | etcd, one member (until `/health` is true, i.e. it has elected itself) | 0.4–0.8 s |
+//! | PostgreSQL (`initdb --no-sync` + start) | 0.9–1.5 s |
+//! | etcd, one member (until `/health` is true, i.e. it has elected itself) | 0.2–0.8 s |
 //! | Consul `-dev` (until it has a leader and its node is registered) | 0.13–0.19 s |
 //! | **all four** | **1.9–2.1 s** |
 //! | etcd, 3 members | 0.3–2.3 s |
