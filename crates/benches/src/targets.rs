@@ -1,0 +1,144 @@
+//! The backends under test, the servers behind them, and each store's raw
+//! baseline.
+
+use std::any::Any;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use lock_core::{Backend, BoxError, LockClient, memory::MemoryBackend};
+
+/// Opens a new client (own connections) of one backend.
+pub type BackendFactory =
+    Arc<dyn Fn() -> BoxFuture<'static, lock_core::Result<Arc<dyn Backend>>> + Send + Sync>;
+
+/// One backend configuration under test.
+#[derive(Clone)]
+pub struct Target {
+    /// Name in the report, such as `redis` or `postgres-advisory`.
+    pub name: String,
+    /// Whether fair mode is measured too.
+    pub fair: bool,
+    /// The raw baseline of the same store, if there is one.
+    pub raw: Option<Arc<dyn RawLock>>,
+    factory: BackendFactory,
+}
+
+impl Target {
+    /// A target named `name` whose clients come from `factory`.
+    pub fn new(name: impl Into<String>, factory: BackendFactory) -> Self {
+        Target {
+            name: name.into(),
+            fair: false,
+            raw: None,
+            factory,
+        }
+    }
+
+    /// Sets the raw baseline.
+    pub fn with_raw(mut self, raw: Arc<dyn RawLock>) -> Self {
+        self.raw = Some(raw);
+        self
+    }
+
+    /// Measures fair mode too.
+    pub fn with_fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
+    /// A new backend client.
+    pub async fn backend(&self) -> lock_core::Result<Arc<dyn Backend>> {
+        (self.factory)().await
+    }
+
+    /// A new lock client.
+    pub async fn client(&self) -> lock_core::Result<LockClient> {
+        Ok(LockClient::from_arc(self.backend().await?))
+    }
+}
+
+/// The minimal correct protocol of one store, written with the same client
+/// crate as the backend and nothing around it: the floor a backend's cost is
+/// compared with.
+#[async_trait]
+pub trait RawLock: Send + Sync {
+    /// The baseline's name in the report, such as `redis-raw`.
+    fn name(&self) -> String;
+    /// Acquire `key` and release it again; an error if it was not free.
+    async fn cycle(&self, key: &str) -> Result<(), BoxError>;
+    /// Take `key` and keep it (for measuring a "no").
+    async fn hold(&self, key: &str) -> Result<(), BoxError>;
+    /// One acquire attempt on a key held by someone else; an error if it
+    /// was granted.
+    async fn try_held(&self, key: &str) -> Result<(), BoxError>;
+}
+
+/// The raw baseline of the in-memory store: a set behind a mutex.
+#[derive(Default)]
+pub struct RawMemory {
+    held: Mutex<HashSet<String>>,
+}
+
+#[async_trait]
+impl RawLock for RawMemory {
+    fn name(&self) -> String {
+        "memory-raw".into()
+    }
+    async fn cycle(&self, key: &str) -> Result<(), BoxError> {
+        let mut held = self.held.lock().map_err(|_| "poisoned")?;
+        if !held.insert(key.to_owned()) {
+            return Err("busy".into());
+        }
+        held.remove(key);
+        Ok(())
+    }
+    async fn hold(&self, key: &str) -> Result<(), BoxError> {
+        self.held
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(key.to_owned());
+        Ok(())
+    }
+    async fn try_held(&self, key: &str) -> Result<(), BoxError> {
+        let mut held = self.held.lock().map_err(|_| "poisoned")?;
+        if held.insert(key.to_owned()) {
+            return Err("a held key was granted".into());
+        }
+        Ok(())
+    }
+}
+
+/// Every target, with the servers they need kept alive.
+pub struct Targets {
+    /// The targets, in report order.
+    pub list: Vec<Target>,
+    _servers: Vec<Box<dyn Any + Send + Sync>>,
+}
+
+impl Targets {
+    /// Starts the servers and builds every target whose name contains
+    /// `filter` (all when `None`).
+    pub fn start(filter: Option<&str>) -> Result<Targets, BoxError> {
+        let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
+        let servers: Vec<Box<dyn Any + Send + Sync>> = Vec::new();
+        let mut list = Vec::new();
+        if wanted("memory") {
+            let store = MemoryBackend::new();
+            let factory: BackendFactory = Arc::new(move || {
+                let store = store.clone();
+                Box::pin(async move { Ok(Arc::new(store) as Arc<dyn Backend>) })
+            });
+            list.push(
+                Target::new("memory", factory)
+                    .with_raw(Arc::new(RawMemory::default()))
+                    .with_fair(true),
+            );
+        }
+        Ok(Targets {
+            list,
+            _servers: servers,
+        })
+    }
+}
