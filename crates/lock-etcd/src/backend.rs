@@ -64,9 +64,28 @@ struct Inner {
 /// What a lease carries for us.
 #[derive(Debug)]
 pub(crate) struct LockHandle {
-    pub(crate) session: Arc<Session>,
+    /// The session whose lease the key hangs on (changes when an extend
+    /// beyond the lease's TTL moves the key to a longer lease).
+    session: std::sync::Mutex<Arc<Session>>,
     pub(crate) path: String,
     pub(crate) rev: i64,
+}
+
+impl LockHandle {
+    fn session(&self) -> Arc<Session> {
+        Arc::clone(&self.session.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn set_session(&self, s: Arc<Session>) {
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+}
+
+/// When a lock whose own TTL ran out is deleted by its client: at the
+/// server-side deadline (`valid_until` plus the drift margin) plus a little
+/// slack, so that it is never gone before `lost()` fired.
+fn sweep_at(valid_until: Instant, ttl: Duration) -> Instant {
+    valid_until + lock_core::safety_margin(ttl) + Duration::from_millis(100)
 }
 
 /// The answer of the enqueue transaction.
@@ -354,7 +373,7 @@ impl EtcdBackend {
             valid_until,
         )
         .with_handle(Arc::new(LockHandle {
-            session: Arc::clone(session),
+            session: std::sync::Mutex::new(Arc::clone(session)),
             path: path.clone(),
             rev,
         }));
@@ -362,7 +381,7 @@ impl EtcdBackend {
             path,
             rev,
             lease.loss_signal().clone(),
-            valid_until + lock_core::safety_margin(req.ttl),
+            sweep_at(valid_until, req.ttl),
             permit,
         );
         Ok(lease)
@@ -524,6 +543,51 @@ impl EtcdBackend {
         }
     }
 
+    /// Extends a lock beyond its lease's TTL: re-attaches its key to the
+    /// session of the longer TTL (a put keeps the key's create revision, so
+    /// the fencing token and the queue position stay), conditional on the
+    /// key still being ours.
+    async fn move_lock(
+        &self,
+        lease: &Lease,
+        h: &LockHandle,
+        old: &Arc<Session>,
+        ttl: Duration,
+    ) -> Result<Instant> {
+        let new = self.session(ttl).await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(h.path.clone(), CompareOp::Equal, h.rev)])
+            .and_then([TxnOp::put(
+                h.path.clone(),
+                "",
+                Some(PutOptions::new().with_lease(new.id)),
+            )]);
+        let sent_at = Instant::now();
+        let mut kv = self.inner.client.kv_client();
+        let resp = match tokio::time::timeout(self.timeout(), kv.txn(txn)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) if is_lease_not_found(&e) => {
+                new.mark_dead(format!("etcd lease {} not found", new.hex));
+                return Err(Error::connection(BACKEND, "extending", e));
+            }
+            Ok(Err(e)) => return Err(map("extending", e)),
+            Err(_) => return Err(crate::errors::timed_out("extending", self.timeout())),
+        };
+        if !resp.succeeded() {
+            old.forget(&h.path, h.rev);
+            return Err(not_held(lease.key()));
+        }
+        let Some(entry) = old.take_entry(&h.path, h.rev) else {
+            return Err(not_held(lease.key()));
+        };
+        new.adopt(h.path.clone(), entry);
+        h.set_session(Arc::clone(&new));
+        let valid = new.validity(sent_at, ttl);
+        new.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl));
+        debug!(key = %lease.key(), lease = %new.hex, "lock moved to a longer lease");
+        Ok(valid)
+    }
+
     /// Renews the leases of one session: one keep-alive, plus one read of
     /// all their keys (in chunks of [`MAX_TXN_OPS`]), sent concurrently.
     async fn extend_session(
@@ -582,7 +646,7 @@ impl EtcdBackend {
                 (_, Err(e)) => Err(e),
                 (Ok(sent), Ok(_)) => {
                     let valid = deadline(*sent, ttl).min(deadline(*sent, session.lease_ttl));
-                    if session.extend_expiry(&h.path, h.rev, valid + lock_core::safety_margin(ttl))
+                    if session.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl))
                     {
                         Ok(valid)
                     } else {
@@ -675,28 +739,25 @@ impl Backend for EtcdBackend {
                 out[i] = Some(Err(not_held(lease.key())));
                 continue;
             };
-            if h.session.is_dead() {
+            let session = h.session();
+            if session.is_dead() {
                 out[i] = Some(Err(Error::LockLost {
                     key: lease.key().to_string(),
-                    reason: h.session.loss_reason(),
+                    reason: session.loss_reason(),
                 }));
                 continue;
             }
-            if ttl > h.session.lease_ttl {
-                out[i] = Some(Err(Error::invalid_options(format!(
-                    "etcd: a lock cannot be extended beyond the TTL it was acquired with \
-                     ({:?}, its shared lease's TTL); asked for {ttl:?}",
-                    h.session.lease_ttl
-                ))));
-                continue;
-            }
-            if !h.session.holds(&h.path, h.rev) {
+            if !session.holds(&h.path, h.rev) {
                 out[i] = Some(Err(not_held(lease.key())));
                 continue;
             }
-            match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &h.session)) {
+            if ttl > session.lease_ttl {
+                out[i] = Some(self.move_lock(lease, h, &session, ttl).await);
+                continue;
+            }
+            match groups.iter_mut().find(|(s, _)| Arc::ptr_eq(s, &session)) {
                 Some((_, v)) => v.push((i, lease, h)),
-                None => groups.push((Arc::clone(&h.session), vec![(i, lease, h)])),
+                None => groups.push((session, vec![(i, lease, h)])),
             }
         }
         for (session, items) in &groups {
@@ -712,7 +773,8 @@ impl Backend for EtcdBackend {
         let Some(h) = lease.handle::<LockHandle>() else {
             return Ok(false);
         };
-        if h.session.is_dead() {
+        let session = h.session();
+        if session.is_dead() {
             return Ok(false);
         }
         let txn = Txn::new()
@@ -725,14 +787,14 @@ impl Backend for EtcdBackend {
         let mut kv = self.inner.client.kv_client();
         match call("releasing", self.timeout(), kv.txn(txn)).await {
             Ok(resp) => {
-                h.session.forget(&h.path, h.rev);
+                session.forget(&h.path, h.rev);
                 if !resp.succeeded() {
                     lease.loss_signal().trigger(LossReason::NotHeld);
                 }
                 Ok(resp.succeeded())
             }
             Err(e) => {
-                h.session.release_failed(&h.path);
+                session.release_failed(&h.path);
                 Err(e)
             }
         }

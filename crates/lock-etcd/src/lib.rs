@@ -103,9 +103,10 @@
 //! seconds, so a fractional TTL gets a lease rounded up, while the lock's
 //! deadline still uses the TTL asked for). Expiry grace 1.5 s. Strict
 //! fencing, push wake-ups, FIFO, restart survival, batched renewal: all yes.
-//! A lock cannot be [extended](lock_core::LockGuard::extend) beyond the TTL
-//! it was acquired with (its lease is shared): that is
-//! [`Error::InvalidOptions`](lock_core::Error::InvalidOptions).
+//! [Extending](lock_core::LockGuard::extend) a lock beyond the TTL of its
+//! lease moves its key to the client's session of the longer TTL (one more
+//! transaction; the put keeps the key's create revision, so the fencing
+//! token and the queue position stay).
 //!
 //! ## URL
 //!

@@ -80,7 +80,7 @@ struct State {
 }
 
 #[derive(Debug)]
-struct Entry {
+pub(crate) struct Entry {
     /// Create revision (= fencing token); 0 when unknown (a put whose
     /// answer was lost).
     rev: i64,
@@ -275,6 +275,21 @@ impl Session {
             e.expires_at = None;
             e.loss = None;
         }
+        let _ = self.cmd.send(Cmd::Kick);
+    }
+
+    /// Takes a held lock's entry out (to move it to another session).
+    pub(crate) fn take_entry(&self, path: &str, rev: i64) -> Option<Entry> {
+        let mut st = self.state();
+        match st.locks.get(path) {
+            Some(e) if e.rev == rev && e.expires_at.is_some() => st.locks.remove(path),
+            _ => None,
+        }
+    }
+
+    /// Takes over a lock entry moved from another session.
+    pub(crate) fn adopt(&self, path: String, entry: Entry) {
+        self.state().locks.insert(path, entry);
         let _ = self.cmd.send(Cmd::Kick);
     }
 
