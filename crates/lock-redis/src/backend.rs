@@ -132,13 +132,13 @@ fn as_string(v: &Value) -> Option<String> {
 }
 
 fn parse_acquire(v: &Value) -> Result<Reply> {
-    if let Value::Array(items) = v {
-        if let [flag, x] = items.as_slice() {
-            match (as_i64(flag), as_i64(x)) {
-                (Some(1), Some(tok)) if tok > 0 => return Ok(Reply::Granted(tok as u64)),
-                (Some(0), Some(pttl)) => return Ok(Reply::Held(pttl)),
-                _ => {}
-            }
+    if let Value::Array(items) = v
+        && let [flag, x] = items.as_slice()
+    {
+        match (as_i64(flag), as_i64(x)) {
+            (Some(1), Some(tok)) if tok > 0 => return Ok(Reply::Granted(tok as u64)),
+            (Some(0), Some(pttl)) => return Ok(Reply::Held(pttl)),
+            _ => {}
         }
     }
     Err(bad_reply("acquiring", v))
@@ -336,10 +336,10 @@ impl RedisBackend {
                 valid_until,
             )));
         }
-        if total == 1 {
-            if let Some(e) = errors.pop() {
-                return Err(e);
-            }
+        if total == 1
+            && let Some(e) = errors.pop()
+        {
+            return Err(e);
         }
         if !tokens.is_empty() || !errors.is_empty() {
             // Undo a partial grant everywhere (a timed-out request may have
@@ -433,10 +433,10 @@ impl RedisBackend {
         if not_ours > total - quorum {
             return Err(not_held(key));
         }
-        if total == 1 {
-            if let Some(e) = errors.pop() {
-                return Err(e);
-            }
+        if total == 1
+            && let Some(e) = errors.pop()
+        {
+            return Err(e);
         }
         Err(quorum_error(
             format!(

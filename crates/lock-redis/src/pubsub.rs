@@ -63,10 +63,10 @@ impl Wakeups {
         if payload.is_empty() {
             return;
         }
-        if let Ok(id) = std::str::from_utf8(payload) {
-            if let Some(n) = self.fair().get(id) {
-                n.notify_one();
-            }
+        if let Ok(id) = std::str::from_utf8(payload)
+            && let Some(n) = self.fair().get(id)
+        {
+            n.notify_one();
         }
     }
 
