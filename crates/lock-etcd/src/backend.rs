@@ -25,7 +25,7 @@ use etcd_client::{
 };
 use lock_core::{
     AcquireRequest, Attempt, Backend, Backoff, Capabilities, Error, FencingToken, Fencing, Key,
-    Lease, LockInfo, LossReason, Result, Subscription, Support, WakeHub, deadline, jitter,
+    Lease, LockInfo, LossReason, Result, Subscription, Support, WakeHub, jitter,
     not_held,
 };
 use tokio::sync::OwnedSemaphorePermit;
@@ -36,7 +36,7 @@ use tracing::{debug, warn};
 use crate::BACKEND;
 use crate::config::EtcdConfig;
 use crate::errors::{call, is_lease_not_found, map};
-use crate::session::{Session, delete_own, ttl_secs};
+use crate::session::{Session, delete_own, ttl_secs, valid_until};
 use crate::watch::Watches;
 
 /// The most operations etcd accepts in one transaction by default
@@ -645,7 +645,7 @@ impl EtcdBackend {
                 (Err(e), _) => Err(Error::connection(BACKEND, "renewing the lease", e.to_string())),
                 (_, Err(e)) => Err(e),
                 (Ok(sent), Ok(_)) => {
-                    let valid = deadline(*sent, ttl).min(deadline(*sent, session.lease_ttl));
+                    let valid = valid_until(*sent, ttl).min(valid_until(*sent, session.lease_ttl));
                     if session.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl))
                     {
                         Ok(valid)

@@ -227,7 +227,7 @@ impl Session {
     /// confirmed keep-alive.
     pub(crate) fn validity(&self, sent_at: Instant, ttl: Duration) -> Instant {
         let last = self.state().last_ok_sent;
-        deadline(sent_at, ttl).min(deadline(last, self.lease_ttl))
+        valid_until(sent_at, ttl).min(valid_until(last, self.lease_ttl))
     }
 
     /// Records a held lock (its permit is released when the entry goes).
@@ -351,6 +351,16 @@ impl Session {
 
 fn gone(ctx: &str) -> Error {
     Error::connection(BACKEND, ctx, "the keep-alive task stopped")
+}
+
+/// [`lock_core::deadline`] minus a scheduling allowance (1% of the TTL, at
+/// most 50 ms): `lost()` must fire, and the holder's task must get to run,
+/// before the server can expire the lease, also on a loaded machine.
+pub(crate) fn valid_until(sent_at: Instant, ttl: Duration) -> Instant {
+    let d = deadline(sent_at, ttl);
+    d.checked_sub((ttl / 100).min(Duration::from_millis(50)))
+        .unwrap_or(d)
+        .max(sent_at)
 }
 
 /// The lease TTL for a lock TTL: whole seconds, rounded up.
