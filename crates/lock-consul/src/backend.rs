@@ -251,11 +251,12 @@ impl fmt::Debug for ConsulBackend {
 /// The capabilities a configuration gives.
 pub(crate) fn capabilities(cfg: &ConsulConfig) -> Capabilities {
     Capabilities::new(BACKEND)
-        .ttl_range(cfg.min_ttl, crate::MAX_SESSION_TTL)
+        .ttl_range(cfg.min_lock_ttl(), crate::MAX_SESSION_TTL)
         // A dead client's session is invalidated up to 2×TTL after its last
-        // renewal, then the lock-delay blocks the key; 1 s covers the timer,
-        // the Raft commit and the blocking query.
-        .expiry_grace(cfg.session_ttl * 2 + cfg.lock_delay + Duration::from_secs(1))
+        // renewal (which may be just before its lease's end), then the
+        // lock-delay blocks the key; 500 ms covers the server's timer, the
+        // Raft commit and the blocking query.
+        .expiry_grace(cfg.session_ttl * 2 + cfg.lock_delay + Duration::from_millis(500))
         .fencing(Fencing::Strict)
         .push_wakeup(Support::Yes)
         .fifo(Support::No(
@@ -453,8 +454,11 @@ impl Shared {
         // The lease's own deadline. The session bounds it too, but through
         // the loss signal: if the session cannot be renewed, the keep-alive
         // task fires every lease's loss at the session's deadline.
-        let expires_at = deadline(sent, req.ttl);
-        let valid_until = expires_at;
+        // Our validity ends at `deadline` (TTL minus the safety margin); the
+        // entry itself is freed by our timer at the full TTL, so `lost()`
+        // always fires before anyone else can have it.
+        let valid_until = deadline(sent, req.ttl);
+        let expires_at = sent + req.ttl;
         let state = Arc::new(LeaseState {
             backend_id: self.id,
             id: claim,
@@ -602,9 +606,8 @@ impl Shared {
                     )),
                     _ if state.done.is_cancelled() => Err(not_held(&state.key)),
                     _ => {
-                        let expires_at = deadline(sent, ttl);
-                        *locked(&state.expires_at) = expires_at;
-                        Ok(expires_at)
+                        *locked(&state.expires_at) = sent + ttl;
+                        Ok(deadline(sent, ttl))
                     }
                 };
                 out.push(result);

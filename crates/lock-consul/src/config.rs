@@ -94,7 +94,7 @@ pub struct ConsulConfig {
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) prefix: String,
     pub(crate) session_ttl: Duration,
-    pub(crate) min_ttl: Duration,
+    pub(crate) session_ttl_min: Duration,
     pub(crate) lock_delay: Duration,
     pub(crate) behavior: SessionBehavior,
     pub(crate) connect_timeout: Duration,
@@ -106,12 +106,13 @@ pub struct ConsulConfig {
 pub const DEFAULT_PORT: u16 = 8500;
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "distlock";
-/// The default session TTL: equal to the default lock TTL of
-/// [`LockOptions`](lock_core::LockOptions), since a lock's TTL may not exceed
-/// its session's.
-pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30);
-/// The default minimum TTL: Consul's own `session_ttl_min` default.
-pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(10);
+/// The default session TTL. Locks need a TTL of at least twice the session
+/// TTL, so this makes the default lock TTL of
+/// [`LockOptions`](lock_core::LockOptions) (30 s) the shortest one.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(15);
+/// The default of the agents' shortest session TTL (their
+/// `session_ttl_min`, which is 10 s unless configured).
+pub const DEFAULT_SESSION_TTL_MIN: Duration = Duration::from_secs(10);
 /// The default lock-delay: Consul's own default.
 pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
 /// Consul caps the lock-delay at one minute.
@@ -129,7 +130,7 @@ impl Default for ConsulConfig {
             ca_file: None,
             prefix: DEFAULT_PREFIX.into(),
             session_ttl: DEFAULT_SESSION_TTL,
-            min_ttl: DEFAULT_MIN_TTL,
+            session_ttl_min: DEFAULT_SESSION_TTL_MIN,
             lock_delay: DEFAULT_LOCK_DELAY,
             behavior: SessionBehavior::Release,
             connect_timeout: Duration::from_secs(2),
@@ -216,14 +217,19 @@ impl ConsulConfig {
         &self.prefix
     }
 
-    /// The session TTL (also the longest lock TTL).
+    /// The session TTL.
     pub fn session_ttl(&self) -> Duration {
         self.session_ttl
     }
 
-    /// The shortest lock TTL (the agents' `session_ttl_min`).
-    pub fn min_ttl(&self) -> Duration {
-        self.min_ttl
+    /// The shortest session TTL the agents accept (their `session_ttl_min`).
+    pub fn session_ttl_min(&self) -> Duration {
+        self.session_ttl_min
+    }
+
+    /// The shortest lock TTL: twice the session TTL (see the crate docs).
+    pub fn min_lock_ttl(&self) -> Duration {
+        self.session_ttl * 2
     }
 
     /// The session lock-delay.
@@ -273,9 +279,9 @@ impl fmt::Display for ConsulConfig {
         let d = humantime::format_duration;
         write!(
             f,
-            "&session_ttl={}&min_ttl={}&lock_delay={}&behavior={}&connect_timeout={}&request_timeout={}&wait={}",
+            "&session_ttl={}&session_ttl_min={}&lock_delay={}&behavior={}&connect_timeout={}&request_timeout={}&wait={}",
             d(self.session_ttl),
-            d(self.min_ttl),
+            d(self.session_ttl_min),
             d(self.lock_delay),
             self.behavior.as_str(),
             d(self.connect_timeout),
@@ -327,18 +333,18 @@ impl ConsulConfigBuilder {
         self
     }
 
-    /// The session TTL (default 30 s): the longest lock TTL, and how long a
-    /// crashed client's locks stay taken (up to twice this, plus the
-    /// lock-delay).
+    /// The session TTL (default 15 s). A crashed client's locks stay taken
+    /// for up to twice this, plus the lock-delay; locks need a TTL of at
+    /// least twice this.
     pub fn session_ttl(mut self, ttl: Duration) -> Self {
         self.cfg.session_ttl = ttl;
         self
     }
 
-    /// The shortest TTL the agents accept (their `session_ttl_min`, default
-    /// 10 s).
-    pub fn min_ttl(mut self, ttl: Duration) -> Self {
-        self.cfg.min_ttl = ttl;
+    /// The shortest session TTL the agents accept: their `session_ttl_min`
+    /// setting (Consul's default, and ours, is 10 s).
+    pub fn session_ttl_min(mut self, ttl: Duration) -> Self {
+        self.cfg.session_ttl_min = ttl;
         self
     }
 
@@ -385,7 +391,7 @@ impl ConsulConfigBuilder {
             "ca_file" => self = self.ca_file(value),
             "prefix" => self = self.prefix(value),
             "session_ttl" => self = self.session_ttl(dur(value)?),
-            "min_ttl" => self = self.min_ttl(dur(value)?),
+            "session_ttl_min" => self = self.session_ttl_min(dur(value)?),
             "lock_delay" => self = self.lock_delay(dur(value)?),
             "behavior" => self = self.behavior(value.parse()?),
             "connect_timeout" => self = self.connect_timeout(dur(value)?),
@@ -396,7 +402,7 @@ impl ConsulConfigBuilder {
                     BACKEND,
                     format!(
                         "unknown query parameter {name:?} (known: token, ca_file, prefix, session_ttl, \
-                         min_ttl, lock_delay, behavior, connect_timeout, request_timeout, wait)"
+                         session_ttl_min, lock_delay, behavior, connect_timeout, request_timeout, wait)"
                     ),
                 ));
             }
@@ -425,16 +431,16 @@ impl ConsulConfigBuilder {
             }
         }
         check_prefix(&c.prefix)?;
-        if c.min_ttl.is_zero() || c.min_ttl > MAX_SESSION_TTL {
+        if c.session_ttl_min.is_zero() || c.session_ttl_min > MAX_SESSION_TTL {
             return bad(format!(
-                "min_ttl must be between 1ms and 24h, not {}",
-                humantime::format_duration(c.min_ttl)
+                "session_ttl_min must be between 1ms and 24h, not {}",
+                humantime::format_duration(c.session_ttl_min)
             ));
         }
-        if c.session_ttl < c.min_ttl || c.session_ttl > MAX_SESSION_TTL {
+        if c.session_ttl < c.session_ttl_min || c.session_ttl * 2 > MAX_SESSION_TTL {
             return bad(format!(
-                "session_ttl must be between min_ttl ({}) and 24h, not {}",
-                humantime::format_duration(c.min_ttl),
+                "session_ttl must be between session_ttl_min ({}) and 12h, not {}",
+                humantime::format_duration(c.session_ttl_min),
                 humantime::format_duration(c.session_ttl)
             ));
         }
@@ -540,7 +546,7 @@ mod tests {
         assert_eq!(c.session_ttl(), DEFAULT_SESSION_TTL);
         let back: ConsulConfig = c.to_string().parse().unwrap();
         assert_eq!(back, c);
-        let s: ConsulConfig = "consuls://h:8501?ca_file=/x/ca.pem&behavior=delete&lock_delay=0s&min_ttl=1s&session_ttl=2s&prefix="
+        let s: ConsulConfig = "consuls://h:8501?ca_file=/x/ca.pem&behavior=delete&lock_delay=0s&session_ttl_min=1s&session_ttl=2s&prefix="
             .parse()
             .unwrap();
         assert_eq!(s.base_url(), "https://h:8501");
@@ -565,7 +571,8 @@ mod tests {
             "consul://h/some/path",
             "consul://h?session_ttl=ten",
             "consul://h?session_ttl=5s",
-            "consul://h?min_ttl=1s&session_ttl=100000s",
+            "consul://h?session_ttl_min=1s&session_ttl=100000s",
+            "consul://h?min_ttl=1s",
             "consul://h?lock_delay=2m",
             "consul://h?prefix=/a",
             "consul://h?prefix=a//b",

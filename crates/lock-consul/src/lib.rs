@@ -10,8 +10,8 @@ mod config;
 
 pub use backend::ConsulBackend;
 pub use config::{
-    ConsulConfig, ConsulConfigBuilder, DEFAULT_LOCK_DELAY, DEFAULT_MIN_TTL, DEFAULT_PORT,
-    DEFAULT_PREFIX, DEFAULT_SESSION_TTL, MAX_LOCK_DELAY, MAX_SESSION_TTL, SessionBehavior,
+    ConsulConfig, ConsulConfigBuilder, DEFAULT_LOCK_DELAY, DEFAULT_PORT,
+    DEFAULT_PREFIX, DEFAULT_SESSION_TTL, DEFAULT_SESSION_TTL_MIN, MAX_LOCK_DELAY, MAX_SESSION_TTL, SessionBehavior,
 };
 
 /// The backend's name in errors, traces and capabilities.

@@ -52,7 +52,10 @@ impl EnvFaults {
 #[lock_core::async_trait]
 impl Faults for EnvFaults {
     async fn restart(&self) -> std::result::Result<(), String> {
-        self.blocking(|e| e.server.restart()).await
+        let start = std::time::Instant::now();
+        let r = self.blocking(|e| e.server.restart()).await;
+        eprintln!("consul restart took {:?}", start.elapsed());
+        r
     }
     async fn pause(&self) -> std::result::Result<(), String> {
         self.blocking(|e| e.server.pause()).await

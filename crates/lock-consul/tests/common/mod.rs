@@ -44,14 +44,15 @@ pub fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Test settings: the agents accept 1 s TTLs (`session_ttl_min = "1s"` in the
-/// harness), sessions of 3 s, no lock-delay.
+/// Test settings: the harness's agents accept 1 s sessions
+/// (`session_ttl_min = "1s"`), so sessions of 1 s (locks of 2 s and more)
+/// and no lock-delay keep the expiry cases fast.
 pub fn config(addr: SocketAddr) -> ConsulConfig {
     ConsulConfig::builder()
         .address(addr.to_string())
         .prefix("distlock-test")
-        .min_ttl(Duration::from_secs(1))
-        .session_ttl(Duration::from_secs(3))
+        .session_ttl_min(Duration::from_secs(1))
+        .session_ttl(Duration::from_secs(1))
         .lock_delay(Duration::ZERO)
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(2))
