@@ -94,6 +94,10 @@ fn hash(seed: u64, table: &str, key: &str) -> u64 {
     h ^ (h >> 31)
 }
 
+/// Added to an advisory lease's TTL before our timer unlocks it (within the
+/// declared `expiry_grace`).
+const EXPIRY_SLACK: Duration = Duration::from_millis(10);
+
 /// Advisory-mode state of one client.
 pub(crate) struct Advisory {
     shared: Arc<Shared>,
@@ -355,7 +359,11 @@ impl Advisory {
             req.ttl,
             deadline(base, req.ttl),
         );
-        let (expiry, _) = watch::channel(Some(base + req.ttl));
+        // Our timer stands in for server-side expiry: count from when the
+        // grant was known (it happened between send and answer), plus a
+        // little slack for this task's scheduling, so the lock is never freed
+        // before the holder's `valid_until`, however the answer was delayed.
+        let (expiry, _) = watch::channel(Some(Instant::now() + req.ttl + EXPIRY_SLACK));
         let hold = Arc::new(Hold {
             shared: Arc::clone(&self.shared),
             key: req.key.clone(),
@@ -508,7 +516,8 @@ impl Advisory {
         let why = match r {
             Ok(Ok(row)) => match row.try_get::<bool, _>(0) {
                 Ok(true) => {
-                    hold.expiry.send_replace(Some(sent_at + ttl));
+                    hold.expiry
+                        .send_replace(Some(Instant::now() + ttl + EXPIRY_SLACK));
                     return Ok(deadline(sent_at, ttl));
                 }
                 Ok(false) => LossReason::NotHeld,

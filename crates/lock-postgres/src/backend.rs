@@ -70,7 +70,10 @@ impl Sql {
         let t = config.table.qualified();
         let s = config.table.sequence();
         let f = config.table.fences();
-        let left = "(EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000000)::int8";
+        // Remaining lease time in microseconds; released rows hold
+        // '-infinity', which cannot be subtracted.
+        let left = "CASE WHEN expires_at <= clock_timestamp() THEN 0::int8 \
+                    ELSE (EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000000)::int8 END";
         Sql {
             channel: format!("distlock:{t}"),
             // One statement: insert, or take over a row whose lease ran out

@@ -104,10 +104,19 @@ impl conformance::Faults for PgFaults {
         blocking(&self.0, |s| s.restart()).await
     }
     async fn pause(&self) -> Result<(), String> {
-        blocking(&self.0, |s| s.pause()).await
+        blocking(&self.0, |s| {
+            s.pause()?;
+            signal_children(s, "STOP");
+            Ok(())
+        })
+        .await
     }
     async fn resume(&self) -> Result<(), String> {
-        blocking(&self.0, |s| s.resume()).await
+        blocking(&self.0, |s| {
+            signal_children(s, "CONT");
+            s.resume()
+        })
+        .await
     }
     async fn cut_connections(&self) -> Result<(), String> {
         blocking(&self.0, |s| {
@@ -118,5 +127,37 @@ impl conformance::Faults for PgFaults {
             .map(|_| ())
         })
         .await
+    }
+}
+
+/// PostgreSQL's child processes (backends, checkpointer, ...) each call
+/// `setsid()`, so the harness's process-group signal reaches only the
+/// postmaster: existing connections would keep working through a "pause".
+/// Signal every child of the postmaster as well.
+fn signal_children(server: &PostgresServer, signal: &str) {
+    let Some(postmaster) = server.pid() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the command name (which is in parentheses): state, ppid, ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(postmaster) {
+            let _ = server_harness::signal_process_group(pid, signal);
+        }
     }
 }
