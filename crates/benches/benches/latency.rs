@@ -26,7 +26,8 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let filter = std::env::var("DISTLOCK_BENCH_FILTER").ok();
-    let targets = Targets::start(filter.as_deref()).expect("starting the servers for the benches");
+    let targets =
+        Targets::start(&rt, filter.as_deref()).expect("starting the servers for the benches");
     let mut c = Criterion::default()
         .sample_size(if quick { 10 } else { 30 })
         .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))

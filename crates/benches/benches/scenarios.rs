@@ -43,7 +43,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let targets = Targets::start(filter.as_deref()).expect("starting the servers for the benches");
+    let targets =
+        Targets::start(&rt, filter.as_deref()).expect("starting the servers for the benches");
     let scale = |full: u64, short: u64| Duration::from_millis(if quick { short } else { full });
     let smoke = !bench_mode;
     let (handoff_run, hammer_run, keys_run) = if smoke {
@@ -89,8 +90,9 @@ fn main() {
             .await?;
             results.handoff.insert(t.name.clone(), h);
             let mut runs = Vec::new();
+            let fifo = t.client().await?.capabilities().fifo.is_supported();
             for fair in [false, true] {
-                if fair && !t.fair {
+                if fair && !fifo {
                     continue;
                 }
                 for workers in [8, 32] {

@@ -17,6 +17,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod counting;
+pub mod raw;
 pub mod report;
 pub mod scenarios;
 pub mod stats;

@@ -8,6 +8,12 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 use lock_core::{Backend, BoxError, LockClient, memory::MemoryBackend};
+use server_harness::{ConsulServer, EtcdServer, PostgresServer, RedisServer};
+
+use crate::raw::consul::RawConsul;
+use crate::raw::etcd::RawEtcd;
+use crate::raw::postgres::{RawPgAdvisory, RawPgLease};
+use crate::raw::redis::RawRedis;
 
 /// Opens a new client (own connections) of one backend.
 pub type BackendFactory =
@@ -18,8 +24,6 @@ pub type BackendFactory =
 pub struct Target {
     /// Name in the report, such as `redis` or `postgres-advisory`.
     pub name: String,
-    /// Whether fair mode is measured too.
-    pub fair: bool,
     /// The raw baseline of the same store, if there is one.
     pub raw: Option<Arc<dyn RawLock>>,
     factory: BackendFactory,
@@ -30,7 +34,6 @@ impl Target {
     pub fn new(name: impl Into<String>, factory: BackendFactory) -> Self {
         Target {
             name: name.into(),
-            fair: false,
             raw: None,
             factory,
         }
@@ -39,12 +42,6 @@ impl Target {
     /// Sets the raw baseline.
     pub fn with_raw(mut self, raw: Arc<dyn RawLock>) -> Self {
         self.raw = Some(raw);
-        self
-    }
-
-    /// Measures fair mode too.
-    pub fn with_fair(mut self, fair: bool) -> Self {
-        self.fair = fair;
         self
     }
 
@@ -114,15 +111,22 @@ impl RawLock for RawMemory {
 pub struct Targets {
     /// The targets, in report order.
     pub list: Vec<Target>,
-    _servers: Vec<Box<dyn Any + Send + Sync>>,
+    _servers: Vec<Box<dyn Any>>,
+}
+
+fn url_factory(url: String) -> BackendFactory {
+    Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move { distlock::backend(&url).await })
+    })
 }
 
 impl Targets {
     /// Starts the servers and builds every target whose name contains
     /// `filter` (all when `None`).
-    pub fn start(filter: Option<&str>) -> Result<Targets, BoxError> {
+    pub fn start(rt: &tokio::runtime::Runtime, filter: Option<&str>) -> Result<Targets, BoxError> {
         let wanted = |name: &str| filter.is_none_or(|f| name.contains(f));
-        let servers: Vec<Box<dyn Any + Send + Sync>> = Vec::new();
+        let mut servers: Vec<Box<dyn Any>> = Vec::new();
         let mut list = Vec::new();
         if wanted("memory") {
             let store = MemoryBackend::new();
@@ -130,11 +134,57 @@ impl Targets {
                 let store = store.clone();
                 Box::pin(async move { Ok(Arc::new(store) as Arc<dyn Backend>) })
             });
-            list.push(
-                Target::new("memory", factory)
-                    .with_raw(Arc::new(RawMemory::default()))
-                    .with_fair(true),
-            );
+            list.push(Target::new("memory", factory).with_raw(Arc::new(RawMemory::default())));
+        }
+        if wanted("redis") {
+            let server = RedisServer::start()?;
+            let url = server.url();
+            let raw = rt.block_on(RawRedis::connect(&url))?;
+            list.push(Target::new("redis", url_factory(url)).with_raw(Arc::new(raw)));
+            servers.push(Box::new(server));
+        }
+        if wanted("redlock") {
+            let masters = RedisServer::start_many(3)?;
+            let hosts: Vec<String> = masters.iter().map(|m| m.addr().to_string()).collect();
+            let url = format!("redlock://{}", hosts.join(","));
+            let raw = rt.block_on(RawRedis::connect(&masters[0].url()))?;
+            list.push(Target::new("redlock-3", url_factory(url)).with_raw(Arc::new(raw)));
+            servers.push(Box::new(masters));
+        }
+        if wanted("etcd") {
+            let server = EtcdServer::start()?;
+            let http = server.url();
+            let raw = rt.block_on(RawEtcd::connect(&http))?;
+            let url = http.replace("http://", "etcd://");
+            list.push(Target::new("etcd", url_factory(url)).with_raw(Arc::new(raw)));
+            servers.push(Box::new(server));
+        }
+        if wanted("consul") {
+            let server = ConsulServer::start()?;
+            let http = server.url();
+            let raw = rt.block_on(RawConsul::connect(&http))?;
+            let url = http.replace("http://", "consul://");
+            list.push(Target::new("consul", url_factory(url)).with_raw(Arc::new(raw)));
+            servers.push(Box::new(server));
+        }
+        if wanted("postgres") {
+            let server = PostgresServer::start()?;
+            let url = server.url();
+            let sep = if url.contains('?') { '&' } else { '?' };
+            if wanted("postgres-lease") {
+                let raw = rt.block_on(RawPgLease::connect(&url))?;
+                list.push(
+                    Target::new("postgres-lease", url_factory(url.clone())).with_raw(Arc::new(raw)),
+                );
+            }
+            if wanted("postgres-advisory") {
+                let raw = rt.block_on(RawPgAdvisory::connect(&url))?;
+                let advisory = format!("{url}{sep}distlock_mode=advisory");
+                list.push(
+                    Target::new("postgres-advisory", url_factory(advisory)).with_raw(Arc::new(raw)),
+                );
+            }
+            servers.push(Box::new(server));
         }
         Ok(Targets {
             list,
