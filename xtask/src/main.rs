@@ -174,15 +174,26 @@ fn run_bench(quick: bool) -> AnyResult<()> {
     bench_report(&root)
 }
 
-/// Turns the criterion results into the project's benchmark report.
+/// Points at the report the scenarios bench wrote.
 ///
-/// Criterion writes its raw results and HTML under `target/criterion/`. The project report
-/// (tables and plots per backend) is not written yet: this is where it goes.
+/// `benches/scenarios.rs` writes `target/distlock-report/report.md` and its SVG charts at the
+/// end of the run, from its own results and the estimates criterion saved under
+/// `target/criterion/` in the same run.
 fn bench_report(root: &Path) -> AnyResult<()> {
-    let criterion = root.join("target/criterion");
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let report = target.join("distlock-report/report.md");
+    if !report.is_file() {
+        return Err(format!(
+            "the benches ran but wrote no report at {}",
+            report.display()
+        )
+        .into());
+    }
+    println!("xtask: report: {}", report.display());
     println!(
-        "xtask: criterion results are in {} (report/index.html); no summary report yet",
-        criterion.display()
+        "xtask: criterion's own reports: {}",
+        target.join("criterion/report/index.html").display()
     );
     Ok(())
 }
