@@ -12,7 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use lock_core::{
     AcquireRequest, Attempt, Backend, Backoff, CancellationToken, Capabilities, Error, Fencing,
     FencingToken, Key, Lease, LockInfo, OwnerToken, Result, Subscription, Support, async_trait,
@@ -604,17 +606,27 @@ impl Backend for RedisBackend {
         let sub = self.inner.wakeups.hub.subscribe(key);
         let channel = self.names(key).channel;
         let limit = self.inner.cfg.response_timeout * 2;
-        let confirmed = join_all(
-            self.inner
-                .subscribers
-                .iter()
-                .map(|s| s.ensure(&channel, key, limit)),
-        )
-        .await;
-        if !confirmed.iter().any(|ok| *ok) {
-            // Not an error: the subscriber subscribes when it reconnects and
-            // then wakes every waiter; until then the re-check covers us.
-            debug!(key = %key, "no server confirmed the subscription yet");
+        // Wait for a majority of servers to confirm: every release reaches a
+        // majority too, and two majorities share a server, so the wake-up
+        // cannot be missed. Stragglers finish subscribing in the background.
+        let mut pending: FuturesUnordered<_> = self
+            .inner
+            .subscribers
+            .iter()
+            .map(|s| s.ensure(&channel, key, limit))
+            .collect();
+        let mut confirmed = 0;
+        while confirmed < self.inner.quorum {
+            match pending.next().await {
+                Some(true) => confirmed += 1,
+                Some(false) => {}
+                None => break,
+            }
+        }
+        if confirmed < self.inner.quorum {
+            // Not an error: subscribers subscribe when they reconnect and
+            // then wake every waiter; until then the re-check covers us.
+            debug!(key = %key, confirmed, "subscription not confirmed by a majority yet");
         }
         Ok(sub)
     }

@@ -91,12 +91,14 @@ async fn tokens_rise_strictly_under_load() {
     let c = LockClient::new(RedisBackend::connect(servers.config()).await.unwrap());
     let k = key("rapid");
     let mut last = 0;
+    let start = Instant::now();
     for _ in 0..200 {
         let g = c.try_lock(&k).await.unwrap().unwrap();
         assert!(g.fencing_token().get() > last);
         last = g.fencing_token().get();
         g.release().await.unwrap();
     }
+    eprintln!("try_lock + release: {:?} per cycle", start.elapsed() / 200);
 }
 
 /// Redlock over 5 masters: with 2 stopped it still grants, extends and
