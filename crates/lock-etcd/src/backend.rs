@@ -20,13 +20,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
-    Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse, TxnResponse,
 };
 use lock_core::{
-    AcquireRequest, Attempt, Backend, Backoff, Capabilities, Error, FencingToken, Fencing, Key,
-    Lease, LockInfo, LossReason, Result, Subscription, Support, WakeHub, jitter,
-    not_held,
+    AcquireRequest, Attempt, Backend, Backoff, Capabilities, Error, Fencing, FencingToken, Key,
+    Lease, LockInfo, LossReason, Result, Subscription, Support, WakeHub, jitter, not_held,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until};
@@ -35,7 +34,7 @@ use tracing::{debug, warn};
 
 use crate::BACKEND;
 use crate::config::EtcdConfig;
-use crate::errors::{call, is_lease_not_found, map};
+use crate::errors::{call, is_lease_not_found, map, txn_raw};
 use crate::session::{Session, delete_own, ttl_secs, valid_until};
 use crate::watch::Watches;
 
@@ -135,8 +134,11 @@ impl EtcdBackend {
             opts = opts.with_tls(tls_options(tls)?);
         }
         let urls = cfg.urls();
-        let client = match tokio::time::timeout(cfg.connect_timeout, Client::connect(urls, Some(opts)))
-            .await
+        let client = match tokio::time::timeout(
+            cfg.connect_timeout,
+            Client::connect(urls, Some(opts)),
+        )
+        .await
         {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => return Err(map("connecting", e)),
@@ -250,10 +252,9 @@ impl EtcdBackend {
             ])
             .or_else([TxnOp::get(path, None), owner()]);
         let sent_at = Instant::now();
-        let mut kv = self.inner.client.kv_client();
-        let resp = match tokio::time::timeout(self.timeout(), kv.txn(txn)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) if is_lease_not_found(&e) => {
+        let resp = match txn_raw(&self.inner.client, self.timeout(), txn).await {
+            Ok(r) => r,
+            Err(Some(e)) if is_lease_not_found(&e) => {
                 session.mark_dead(format!(
                     "etcd lease {} not found when queueing (it expired)",
                     session.hex
@@ -263,8 +264,8 @@ impl EtcdBackend {
                     reason: session.loss_reason(),
                 });
             }
-            Ok(Err(e)) => return Err(map("acquiring", e)),
-            Err(_) => return Err(crate::errors::timed_out("acquiring", self.timeout())),
+            Err(Some(e)) => return Err(map("acquiring", e)),
+            Err(None) => return Err(crate::errors::timed_out("acquiring", self.timeout())),
         };
         let ops = resp.op_responses();
         let first_kv_rev = |i: usize| match ops.get(i) {
@@ -313,8 +314,13 @@ impl EtcdBackend {
             ),
             TxnOp::get(path, Some(GetOptions::new().with_keys_only())),
         ]);
-        let mut kv = self.inner.client.kv_client();
-        let resp = call("waiting for the lock", self.timeout(), kv.txn(txn)).await?;
+        let resp = crate::errors::txn(
+            "waiting for the lock",
+            &self.inner.client,
+            self.timeout(),
+            txn,
+        )
+        .await?;
         let rev = header_rev(&resp)?;
         let ops = resp.op_responses();
         let mine = matches!(ops.get(1), Some(TxnOpResponse::Get(g))
@@ -556,22 +562,25 @@ impl EtcdBackend {
     ) -> Result<Instant> {
         let new = self.session(ttl).await?;
         let txn = Txn::new()
-            .when([Compare::create_revision(h.path.clone(), CompareOp::Equal, h.rev)])
+            .when([Compare::create_revision(
+                h.path.clone(),
+                CompareOp::Equal,
+                h.rev,
+            )])
             .and_then([TxnOp::put(
                 h.path.clone(),
                 "",
                 Some(PutOptions::new().with_lease(new.id)),
             )]);
         let sent_at = Instant::now();
-        let mut kv = self.inner.client.kv_client();
-        let resp = match tokio::time::timeout(self.timeout(), kv.txn(txn)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) if is_lease_not_found(&e) => {
+        let resp = match txn_raw(&self.inner.client, self.timeout(), txn).await {
+            Ok(r) => r,
+            Err(Some(e)) if is_lease_not_found(&e) => {
                 new.mark_dead(format!("etcd lease {} not found", new.hex));
                 return Err(Error::connection(BACKEND, "extending", e));
             }
-            Ok(Err(e)) => return Err(map("extending", e)),
-            Err(_) => return Err(crate::errors::timed_out("extending", self.timeout())),
+            Err(Some(e)) => return Err(map("extending", e)),
+            Err(None) => return Err(crate::errors::timed_out("extending", self.timeout())),
         };
         if !resp.succeeded() {
             old.forget(&h.path, h.rev);
@@ -598,16 +607,22 @@ impl EtcdBackend {
         out: &mut [Option<Result<Instant>>],
     ) {
         let window = (session.lease_ttl / 10).min(Duration::from_secs(1));
-        let threshold = Instant::now().checked_sub(window).unwrap_or_else(Instant::now);
+        let threshold = Instant::now()
+            .checked_sub(window)
+            .unwrap_or_else(Instant::now);
         let keepalive = session.refresh(threshold, self.timeout());
         let reads = futures::future::join_all(items.chunks(MAX_TXN_OPS).map(|chunk| {
             let ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|(_, _, h)| TxnOp::get(h.path.clone(), Some(GetOptions::new().with_keys_only())))
+                .map(|(_, _, h)| {
+                    TxnOp::get(h.path.clone(), Some(GetOptions::new().with_keys_only()))
+                })
                 .collect();
-            let mut kv = self.inner.client.kv_client();
+            let client = &self.inner.client;
             let timeout = self.timeout();
-            async move { call("renewing", timeout, kv.txn(Txn::new().and_then(ops))).await }
+            async move {
+                crate::errors::txn("renewing", client, timeout, Txn::new().and_then(ops)).await
+            }
         }));
         let (ka, reads) = tokio::join!(keepalive, reads);
         let revs: Vec<Result<Option<i64>>> = items
@@ -642,12 +657,15 @@ impl EtcdBackend {
                     session.forget(&h.path, h.rev);
                     Err(not_held(lease.key()))
                 }
-                (Err(e), _) => Err(Error::connection(BACKEND, "renewing the lease", e.to_string())),
+                (Err(e), _) => Err(Error::connection(
+                    BACKEND,
+                    "renewing the lease",
+                    e.to_string(),
+                )),
                 (_, Err(e)) => Err(e),
                 (Ok(sent), Ok(_)) => {
                     let valid = valid_until(*sent, ttl).min(valid_until(*sent, session.lease_ttl));
-                    if session.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl))
-                    {
+                    if session.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl)) {
                         Ok(valid)
                     } else {
                         Err(not_held(lease.key()))
@@ -668,7 +686,10 @@ fn header_rev(resp: &TxnResponse) -> Result<i64> {
 fn tls_options(tls: &crate::config::TlsConfig) -> Result<etcd_client::TlsOptions> {
     let read = |p: &std::path::Path, what: &str| {
         std::fs::read(p).map_err(|e| {
-            Error::config(BACKEND, format!("cannot read the {what} {}: {e}", p.display()))
+            Error::config(
+                BACKEND,
+                format!("cannot read the {what} {}: {e}", p.display()),
+            )
         })
     };
     let mut opts = etcd_client::TlsOptions::new();
@@ -784,8 +805,7 @@ impl Backend for EtcdBackend {
                 h.rev,
             )])
             .and_then([TxnOp::delete(h.path.clone(), None)]);
-        let mut kv = self.inner.client.kv_client();
-        match call("releasing", self.timeout(), kv.txn(txn)).await {
+        match crate::errors::txn("releasing", &self.inner.client, self.timeout(), txn).await {
             Ok(resp) => {
                 session.forget(&h.path, h.rev);
                 if !resp.succeeded() {
@@ -813,13 +833,18 @@ impl Backend for EtcdBackend {
                         .with_keys_only(),
                 ),
             ),
-            TxnOp::get(prefix, Some(GetOptions::new().with_prefix().with_count_only())),
+            TxnOp::get(
+                prefix,
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ),
         ]);
-        let mut kv = self.inner.client.kv_client();
-        let resp = call("inspecting", self.timeout(), kv.txn(txn)).await?;
+        let resp =
+            crate::errors::txn("inspecting", &self.inner.client, self.timeout(), txn).await?;
         let ops = resp.op_responses();
         let owner = match ops.first() {
-            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| (kv.create_revision(), kv.lease())),
+            Some(TxnOpResponse::Get(g)) => {
+                g.kvs().first().map(|kv| (kv.create_revision(), kv.lease()))
+            }
             _ => None,
         };
         let count = match ops.get(1) {
@@ -832,7 +857,12 @@ impl Backend for EtcdBackend {
         let mut expires_in = None;
         if lease_id != 0 {
             let mut lc = self.inner.client.lease_client();
-            if let Ok(r) = call("inspecting", self.timeout(), lc.time_to_live(lease_id, None)).await
+            if let Ok(r) = call(
+                "inspecting",
+                self.timeout(),
+                lc.time_to_live(lease_id, None),
+            )
+            .await
                 && r.ttl() > 0
             {
                 expires_in = Some(Duration::from_secs(u64::try_from(r.ttl()).unwrap_or(0)));

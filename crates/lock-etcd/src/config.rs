@@ -373,7 +373,7 @@ fn parse_url(url: &str) -> Result<EtcdConfig> {
         Some((a, "")) => a,
         Some(_) => {
             return Err(bad(
-                "the URL has no path; set the namespace with ?prefix=".into(),
+                "the URL has no path; set the namespace with ?prefix=".into()
             ));
         }
         None => authority_path,
@@ -395,8 +395,11 @@ fn parse_url(url: &str) -> Result<EtcdConfig> {
     }
     for (k, v) in url::form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         let dur = |v: &str| {
-            humantime::parse_duration(v)
-                .map_err(|e| bad(format!("{k}: {v:?} is not a duration like 5s or 500ms ({e})")))
+            humantime::parse_duration(v).map_err(|e| {
+                bad(format!(
+                    "{k}: {v:?} is not a duration like 5s or 500ms ({e})"
+                ))
+            })
         };
         b = match &*k {
             "prefix" => b.prefix(v.into_owned()),
@@ -476,7 +479,10 @@ mod tests {
         assert_eq!(c.urls(), vec!["https://a:1", "https://[::1]:2"]);
         // Display round-trips (minus the password).
         let shown = c.to_string();
-        assert!(!shown.contains("p:w") && !shown.contains("p%3Aw"), "{shown}");
+        assert!(
+            !shown.contains("p:w") && !shown.contains("p%3Aw"),
+            "{shown}"
+        );
         let back = EtcdConfig::from_url(&shown).unwrap();
         assert_eq!(back.endpoints, c.endpoints);
         assert_eq!(back.tls, c.tls);

@@ -111,3 +111,61 @@ pub(crate) async fn call<T>(
         Err(_) => Err(timed_out(context, timeout)),
     }
 }
+
+/// Whether the request surely never reached a server (no connection could
+/// be made), so sending it again cannot apply it twice.
+pub(crate) fn not_sent(e: &EtcdError) -> bool {
+    match e {
+        EtcdError::GRpcStatus(s) => {
+            i32::from(s.code()) == code::UNAVAILABLE && s.message().contains("connect error")
+        }
+        EtcdError::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Sends a transaction, retrying within `timeout` while no connection can
+/// be made.
+///
+/// etcd-client balances requests over all endpoints; after a member dies,
+/// requests routed to it fail with a connect error until the balancer stops
+/// picking it. Such a request never reached a server, so it is sent again
+/// (the balancer then usually picks a live member). `Err(None)` means the
+/// timeout passed.
+pub(crate) async fn txn_raw(
+    client: &etcd_client::Client,
+    timeout: Duration,
+    txn: etcd_client::Txn,
+) -> Result<etcd_client::TxnResponse, Option<EtcdError>> {
+    let until = tokio::time::Instant::now() + timeout;
+    let mut attempt = 0u32;
+    loop {
+        let mut kv = client.kv_client();
+        match tokio::time::timeout_at(until, kv.txn(txn.clone())).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(e)) if not_sent(&e) && attempt < 20 => {
+                attempt += 1;
+                let pause = Duration::from_millis(5 * u64::from(attempt.min(10)));
+                if tokio::time::Instant::now() + pause >= until {
+                    return Err(Some(e));
+                }
+                tokio::time::sleep(pause).await;
+            }
+            Ok(Err(e)) => return Err(Some(e)),
+            Err(_) => return Err(None),
+        }
+    }
+}
+
+/// [`txn_raw`] with errors mapped.
+pub(crate) async fn txn(
+    context: &str,
+    client: &etcd_client::Client,
+    timeout: Duration,
+    t: etcd_client::Txn,
+) -> lock_core::Result<etcd_client::TxnResponse> {
+    txn_raw(client, timeout, t).await.map_err(|e| match e {
+        Some(e) => map(context, e),
+        None => timed_out(context, timeout),
+    })
+}

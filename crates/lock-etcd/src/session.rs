@@ -38,9 +38,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp};
 use lock_core::{Error, LossReason, LossSignal, Result, deadline};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
@@ -48,7 +46,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::BACKEND;
-use crate::errors::{call, map};
+use crate::errors::map;
 
 /// One lease and the locks hanging on it.
 #[derive(Debug)]
@@ -117,9 +115,20 @@ impl Session {
         timeout: Duration,
     ) -> Result<Arc<Session>> {
         let secs = ttl_secs(ttl);
-        let sent = Instant::now();
-        let mut lease = client.lease_client();
-        let resp = call("granting a lease", timeout, lease.grant(secs, None)).await?;
+        let until = Instant::now() + timeout;
+        let (sent, resp) = loop {
+            let sent = Instant::now();
+            let mut lease = client.lease_client();
+            match tokio::time::timeout_at(until, lease.grant(secs, None)).await {
+                Ok(Ok(r)) => break (sent, r),
+                // Routed to a member that is down: it never arrived.
+                Ok(Err(e)) if crate::errors::not_sent(&e) && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Err(e)) => return Err(map("granting a lease", e)),
+                Err(_) => return Err(crate::errors::timed_out("granting a lease", timeout)),
+            }
+        };
         if resp.id() == 0 || resp.ttl() <= 0 {
             return Err(Error::backend(
                 BACKEND,
@@ -528,7 +537,10 @@ impl KeepAlive {
     }
 
     fn broken(&mut self, why: &str) {
-        debug!(error = why, "etcd keep-alive stream broke; it reopens on next use");
+        debug!(
+            error = why,
+            "etcd keep-alive stream broke; it reopens on next use"
+        );
         self.stream = None;
         self.inflight.clear();
         let err = Error::connection(BACKEND, "renewing the lease", why.to_string());
@@ -612,13 +624,11 @@ pub(crate) async fn delete_own(
     } else {
         Compare::lease(path, CompareOp::Equal, lease)
     };
-    let txn = Txn::new()
-        .when([cmp])
-        .and_then([TxnOp::delete(path, None)]);
-    let mut kv = client.kv_client();
-    match tokio::time::timeout(timeout, kv.txn(txn)).await {
-        Ok(r) => r.map(|_| ()),
-        Err(_) => Err(etcd_client::Error::WatchError(
+    let txn = Txn::new().when([cmp]).and_then([TxnOp::delete(path, None)]);
+    match crate::errors::txn_raw(client, timeout, txn).await {
+        Ok(_) => Ok(()),
+        Err(Some(e)) => Err(e),
+        Err(None) => Err(etcd_client::Error::WatchError(
             "deleting a key timed out".into(),
         )),
     }
@@ -632,4 +642,3 @@ async fn next_message(
         None => std::future::pending().await,
     }
 }
-

@@ -87,6 +87,7 @@ impl Watches {
             once: HashMap::new(),
             hubs: HashMap::new(),
             reopen_at: None,
+            failures: 0,
         };
         tokio::spawn(task.run(rx));
         Watches {
@@ -133,6 +134,8 @@ impl Watches {
 }
 
 struct OnceEntry {
+    key: Vec<u8>,
+    from_rev: i64,
     fire: oneshot::Sender<()>,
 }
 
@@ -153,6 +156,7 @@ struct Task {
     once: HashMap<i64, OnceEntry>,
     hubs: HashMap<Key, HubEntry>,
     reopen_at: Option<Instant>,
+    failures: u32,
 }
 
 /// Ids for hub watches: negative, so they never clash with waiter ids.
@@ -175,7 +179,7 @@ impl Task {
                 },
                 _ = sleep_until(reopen.unwrap_or_else(Instant::now)), if reopen.is_some() => {
                     self.reopen_at = None;
-                    self.resubscribe_hubs().await;
+                    self.resubscribe().await;
                 }
                 _ = gc.tick() => self.collect_hubs().await,
             }
@@ -190,13 +194,18 @@ impl Task {
                 from_rev,
                 fire,
             } => {
-                self.once.insert(id, OnceEntry { fire });
+                self.once.insert(
+                    id,
+                    OnceEntry {
+                        key: key.clone(),
+                        from_rev,
+                        fire,
+                    },
+                );
                 let opts = WatchOptions::new()
                     .with_start_revision(from_rev)
                     .with_watch_id(id);
-                if !self.send_watch(key, opts).await {
-                    self.once.remove(&id);
-                }
+                self.send_watch(key, opts).await;
             }
             Cmd::Hub {
                 prefix,
@@ -240,9 +249,14 @@ impl Task {
         }
     }
 
-    /// Sends a watch request, opening the stream if needed. On failure every
-    /// watch fires (waiters re-read) and `false` is returned.
+    /// Sends a watch request, opening the stream if needed. While the
+    /// stream is down the watch stays registered and is sent when it
+    /// reopens (from its start revision, so nothing is missed); `false`
+    /// means it was not sent now.
     async fn send_watch(&mut self, key: Vec<u8>, opts: WatchOptions) -> bool {
+        if self.stream.is_none() && self.reopen_at.is_some() {
+            return false;
+        }
         if let Some((tx, _)) = &mut self.stream {
             if tx.watch(key, Some(opts)).await.is_ok() {
                 return true;
@@ -255,6 +269,7 @@ impl Task {
             Ok(Ok(stream)) => {
                 debug!("watch stream opened");
                 self.stream = Some(stream.split());
+                self.failures = 0;
                 true
             }
             Ok(Err(e)) => {
@@ -318,37 +333,51 @@ impl Task {
         }
     }
 
-    /// The stream broke: fire every waiter's watch (they re-read), tell
-    /// every hub, and re-create the hub watches after a pause.
+    /// The stream broke (or could not be opened): keep every watch and send
+    /// them all again on a new stream after a short pause. Waiters' watches
+    /// restart from their own start revision, so no deletion is lost; hubs
+    /// are told, since their subscribers re-check anyway.
     async fn broken(&mut self, why: &str) {
-        if self.stream.take().is_some() || !self.once.is_empty() {
-            warn!(error = why, "etcd watch stream broke; waiters re-check");
-        }
-        for (_, entry) in self.once.drain() {
-            let _ = entry.fire.send(());
+        if self.stream.take().is_some() {
+            warn!(error = why, "etcd watch stream broke; re-creating the watches");
+        } else {
+            debug!(error = why, "opening the etcd watch stream failed");
         }
         for (key, entry) in &mut self.hubs {
             entry.created = false;
             entry.hub.notify(key);
         }
-        if !self.hubs.is_empty() {
-            self.reopen_at = Some(Instant::now() + Duration::from_millis(500));
-        }
+        self.failures = self.failures.saturating_add(1);
+        let pause = Duration::from_millis(20 * u64::from(self.failures.min(25)));
+        self.reopen_at = Some(Instant::now() + pause);
     }
 
-    async fn resubscribe_hubs(&mut self) {
-        let hubs: Vec<(Vec<u8>, i64, i64)> = self
-            .hubs
-            .values()
-            .map(|e| (e.prefix.clone(), e.id, e.from_rev))
+    /// Sends every registered watch on a new stream.
+    async fn resubscribe(&mut self) {
+        let mut requests: Vec<(Vec<u8>, WatchOptions)> = self
+            .once
+            .iter()
+            .map(|(id, e)| {
+                (
+                    e.key.clone(),
+                    WatchOptions::new()
+                        .with_start_revision(e.from_rev)
+                        .with_watch_id(*id),
+                )
+            })
             .collect();
-        for (prefix, id, from_rev) in hubs {
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_filters([etcd_client::WatchFilterType::NoPut])
-                .with_start_revision(from_rev)
-                .with_watch_id(id);
-            if !self.send_watch(prefix, opts).await {
+        requests.extend(self.hubs.values().map(|e| {
+            (
+                e.prefix.clone(),
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_filters([etcd_client::WatchFilterType::NoPut])
+                    .with_start_revision(e.from_rev)
+                    .with_watch_id(e.id),
+            )
+        }));
+        for (key, opts) in requests {
+            if !self.send_watch(key, opts).await {
                 return;
             }
         }

@@ -129,7 +129,10 @@ async fn etcdctl_lock_waits_for_distlock() {
     let took = released_at.elapsed();
     let (key, rev) = parse_held(&line);
     assert!(key.starts_with("distlock/interop-b/"), "{key}");
-    assert!(rev > token, "etcdctl queued after our grant, so its key is newer");
+    assert!(
+        rev > token,
+        "etcdctl queued after our grant, so its key is newer"
+    );
     assert!(took < Duration::from_secs(2), "etcdctl took {took:?}");
     assert!(child.wait().unwrap().success());
     // And the lock is free again for us, with a token above both.
@@ -171,10 +174,7 @@ async fn tls_and_auth() {
     // No credentials at all: refused too.
     let anon = format!("etcds://127.0.0.1:{port}?ca_file={ca}");
     let err = EtcdBackend::connect_url(&anon).await.unwrap_err();
-    assert!(
-        matches!(err, Error::Auth { .. }),
-        "no credentials: {err:?}"
-    );
+    assert!(matches!(err, Error::Auth { .. }), "no credentials: {err:?}");
 
     // Plain HTTP/2 against a TLS port, and TLS without the CA: no connection.
     for url in [
@@ -208,11 +208,9 @@ async fn bad_input_gives_typed_errors_quickly() {
         .unwrap()
         .port();
     let start = Instant::now();
-    let err = EtcdBackend::connect_url(&format!(
-        "etcd://127.0.0.1:{port}?connect_timeout=500ms"
-    ))
-    .await
-    .unwrap_err();
+    let err = EtcdBackend::connect_url(&format!("etcd://127.0.0.1:{port}?connect_timeout=500ms"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(err.is_retryable());
     assert!(
@@ -258,9 +256,17 @@ async fn uncontended_cycle_is_two_round_trips() {
     let etcd = Etcd::start().await;
     let server = &etcd.server;
     let (_, locks) = client(plain_config(server, "")).await;
-    let opts = LockOptions::new().ttl(Duration::from_secs(30)).wait(Wait::No);
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(30))
+        .wait(Wait::No);
     // Warm up: the first lock grants the session's lease.
-    locks.lock_with("cycle", &opts).await.unwrap().release().await.unwrap();
+    locks
+        .lock_with("cycle", &opts)
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
     let (txn0, grant0, range0) = (
         started(server, "Txn"),
         started(server, "LeaseGrant"),
@@ -329,7 +335,9 @@ async fn revoked_lease_is_reported_for_every_lock() {
     let etcd = Etcd::start().await;
     let server = Arc::clone(&etcd.server);
     let (backend, locks) = client(plain_config(&server, "")).await;
-    let opts = LockOptions::new().ttl(Duration::from_secs(2)).wait(Wait::No);
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(2))
+        .wait(Wait::No);
     let a = locks.lock_with("revoke-a", &opts).await.unwrap();
     let b = locks.lock_with("revoke-b", &opts).await.unwrap();
     let key = lock_etcd::lock_key(&a.lease()).unwrap().to_string();
@@ -363,7 +371,11 @@ async fn revoked_lease_is_reported_for_every_lock() {
         .release()
         .await
         .unwrap();
-    let again = locks.try_lock_with("revoke-b", &opts).await.unwrap().expect("new lease");
+    let again = locks
+        .try_lock_with("revoke-b", &opts)
+        .await
+        .unwrap()
+        .expect("new lease");
     assert!(again.fencing_token() > b.fencing_token());
     again.release().await.unwrap();
     assert!(matches!(a.release().await, Err(Error::LockLost { .. })));
@@ -395,7 +407,10 @@ async fn ownership_compare_guards_etcd_writes() {
     assert!(write("first").await);
     g.release().await.unwrap();
     let g2 = locks.lock("guarded").await.unwrap();
-    assert!(!write("stale").await, "a write with a released lock applied");
+    assert!(
+        !write("stale").await,
+        "a write with a released lock applied"
+    );
     let mut c = backend.client();
     let got = c.get("guarded-data", None).await.unwrap();
     assert_eq!(got.kvs()[0].value(), b"first");
@@ -407,7 +422,9 @@ async fn ownership_compare_guards_etcd_writes() {
 async fn subscribe_fires_on_release() {
     let etcd = Etcd::start().await;
     let (_, a) = client(plain_config(&etcd.server, "")).await;
-    let b = EtcdBackend::connect(plain_config(&etcd.server, "")).await.unwrap();
+    let b = EtcdBackend::connect(plain_config(&etcd.server, ""))
+        .await
+        .unwrap();
     let key = lock_core::Key::new("sub").unwrap();
     let g = a.lock(&key).await.unwrap();
     let mut sub = b.subscribe(&key).await.unwrap();

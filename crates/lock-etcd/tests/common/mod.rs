@@ -52,7 +52,10 @@ impl Etcd {
             .expect("config")
     }
 
-    async fn blocking(&self, op: fn(&EtcdServer) -> server_harness::Result<()>) -> Result<(), String> {
+    async fn blocking(
+        &self,
+        op: fn(&EtcdServer) -> server_harness::Result<()>,
+    ) -> Result<(), String> {
         let server = Arc::clone(&self.server);
         tokio::task::spawn_blocking(move || op(&server).map_err(|e| e.to_string()))
             .await
