@@ -339,7 +339,10 @@ impl Task {
     /// are told, since their subscribers re-check anyway.
     async fn broken(&mut self, why: &str) {
         if self.stream.take().is_some() {
-            warn!(error = why, "etcd watch stream broke; re-creating the watches");
+            warn!(
+                error = why,
+                "etcd watch stream broke; re-creating the watches"
+            );
         } else {
             debug!(error = why, "opening the etcd watch stream failed");
         }

@@ -43,13 +43,8 @@ async fn leader_loss_keeps_mutual_exclusion_and_leases() {
 
     // Locks held across the failover, and waiters queued behind them.
     let mut held = Vec::new();
-    for i in 0..3 {
-        held.push(
-            clients[i]
-                .lock_with(format!("held-{i}"), &hold)
-                .await
-                .unwrap(),
-        );
+    for (i, c) in clients.iter().enumerate() {
+        held.push(c.lock_with(format!("held-{i}"), &hold).await.unwrap());
     }
     let mut waiters = Vec::new();
     for i in 0..3 {
