@@ -235,7 +235,7 @@ impl PostgresBackend {
     }
 
     /// The shared connection pool, for running your own statements (for
-    /// example [`fence`](crate::fence) in a transaction).
+    /// example [`fence()`](crate::fence()) in a transaction).
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
     }

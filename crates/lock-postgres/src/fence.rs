@@ -20,9 +20,9 @@
 //! `<=` lets one holder write several times; an older holder's write
 //! changes nothing, and the affected-row count tells you so.
 //!
-//! # Pattern 2: [`fence`] for any resource name
+//! # Pattern 2: [`fence()`] for any resource name
 //!
-//! When the write spans several rows or tables, call [`fence`] first in the
+//! When the write spans several rows or tables, call [`fence()`] first in the
 //! same transaction. It records the highest token per resource name in
 //! `<table>_fences` (created with the lease table) and answers whether ours
 //! is still the highest. The row lock it takes is held until your

@@ -54,7 +54,7 @@ impl PostgresBackend {
             // No row at all: a concurrent grant committed after our snapshot.
             return Ok(Attempt::Held { expires_in: None });
         };
-        let fencing: Option<i64> = row.try_get(0).map_err(|e| decode(e))?;
+        let fencing: Option<i64> = row.try_get(0).map_err(decode)?;
         match fencing {
             Some(f) => Ok(Attempt::Granted(Lease::new(
                 req.key.clone(),
@@ -64,7 +64,7 @@ impl PostgresBackend {
                 deadline(sent_at, req.ttl),
             ))),
             None => {
-                let us: Option<i64> = row.try_get(1).map_err(|e| decode(e))?;
+                let us: Option<i64> = row.try_get(1).map_err(decode)?;
                 Ok(Attempt::Held {
                     expires_in: left(us),
                 })
@@ -191,8 +191,8 @@ impl PostgresBackend {
         Ok(match row {
             None => LockInfo::free().with_waiters(None),
             Some(row) => {
-                let f: i64 = row.try_get(0).map_err(|e| decode(e))?;
-                let us: Option<i64> = row.try_get(1).map_err(|e| decode(e))?;
+                let f: i64 = row.try_get(0).map_err(decode)?;
+                let us: Option<i64> = row.try_get(1).map_err(decode)?;
                 LockInfo::held(Some(token(f)), left(us))
             }
         })

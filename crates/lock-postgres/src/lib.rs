@@ -88,7 +88,7 @@
 //! ```
 //!
 //! Advisory mode only needs the sequence (and the fence table for
-//! [`fence`]). Released rows stay (with their last token) so a key's token
+//! [`fence()`]). Released rows stay (with their last token) so a key's token
 //! never depends on a deleted row; a key that is never used again leaves
 //! one small row. Delete rows that expired long ago if you have many
 //! one-off keys: `DELETE FROM app.locks WHERE expires_at < now() - interval '1 day'`.
