@@ -224,10 +224,7 @@ impl Api {
                     format!("cannot read ca_file {}: {e}", path.display()),
                 )
             })?;
-            if !pem
-                .windows(27)
-                .any(|w| w == b"-----BEGIN CERTIFICATE-----")
-            {
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
                 return Err(Error::config(
                     BACKEND,
                     format!("ca_file {} holds no PEM certificate", path.display()),

@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lock_core::{
-    AcquireRequest, Attempt, Backend, Backoff, Capabilities, CancellationToken, Error, Fencing,
-    FencingToken, Key, Lease, LockInfo, LossReason, LossSignal, OwnerToken, Result,
-    Subscription, Support, WakeHub, deadline, not_held,
+    AcquireRequest, Attempt, Backend, Backoff, CancellationToken, Capabilities, Error, Fencing,
+    FencingToken, Key, Lease, LockInfo, LossReason, LossSignal, OwnerToken, Result, Subscription,
+    Support, WakeHub, deadline, not_held,
 };
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{debug, info, warn};
@@ -263,9 +263,10 @@ pub(crate) fn capabilities(cfg: &ConsulConfig) -> Capabilities {
             "Consul KV locks have no queue: waiters race when the key is freed",
         ))
         .survives_restart(Support::No(
-            "a server restart keeps sessions and entries (persistent servers), but the lease is \
-             only kept if the server answers again before its validity deadline, which a restart \
-             and election (about 2 s) usually exceeds for short TTLs; the loss is then reported",
+            "a persistent Consul server keeps sessions and entries across a restart, but a lease \
+             is only kept if the server answers again within the session TTL and the lease's \
+             validity (a restart and election take 1-2 s); otherwise lost() fires. A -dev agent \
+             forgets everything",
         ))
         .batch_renewal(Support::Yes)
         .recheck_interval(Duration::from_secs(1))
@@ -389,7 +390,10 @@ impl Shared {
             let outcome = self.api.txn(std::slice::from_ref(&op), false).await;
             match outcome {
                 Ok(TxnOutcome::Committed(entries)) => {
-                    let Some(index) = entries.first().and_then(|e| e.as_ref()).map(|e| e.modify_index)
+                    let Some(index) = entries
+                        .first()
+                        .and_then(|e| e.as_ref())
+                        .map(|e| e.modify_index)
                     else {
                         // Granted but unreadable: treat like an unknown outcome.
                         self.cleanup_later(req, claim, session);
@@ -399,7 +403,9 @@ impl Shared {
                             "the lock transaction returned no entry",
                         ));
                     };
-                    return Ok(Attempt::Granted(self.grant(req, claim, session, entry, index, sent)));
+                    return Ok(Attempt::Granted(
+                        self.grant(req, claim, session, entry, index, sent),
+                    ));
                 }
                 Ok(TxnOutcome::RolledBack(errors)) => {
                     let what = errors.first().map(|e| e.1.as_str()).unwrap_or("");
@@ -513,7 +519,11 @@ impl Shared {
                         if e.session.as_deref() == Some(session.id.as_str())
                             && entry_owner(&e) == Some(owner) =>
                     {
-                        match shared.api.txn(&delete_ops(&entry, e.modify_index), false).await {
+                        match shared
+                            .api
+                            .txn(&delete_ops(&entry, e.modify_index), false)
+                            .await
+                        {
                             Ok(_) => {
                                 debug!(key = %key, "undid an acquire whose answer was lost");
                                 break;
@@ -535,7 +545,11 @@ impl Shared {
 
     /// Extends leases of this backend: one renewal per session and one
     /// consistent check transaction per 64 leases, all sent at once.
-    async fn extend_own(&self, states: &[Arc<LeaseState>], ttl: Duration) -> Vec<Result<Instant>> {
+    async fn extend_own(
+        self: &Arc<Self>,
+        states: &[Arc<LeaseState>],
+        ttl: Duration,
+    ) -> Vec<Result<Instant>> {
         let sent = Instant::now();
         let mut sessions: Vec<Arc<Session>> = Vec::new();
         for s in states {
@@ -591,9 +605,7 @@ impl Shared {
                         key: state.key.to_string(),
                         reason: reason.clone(),
                     }),
-                    (_, Some(failed), _) if failed.contains(&i) => {
-                        Err(not_held(&state.key))
-                    }
+                    (_, Some(failed), _) if failed.contains(&i) => Err(not_held(&state.key)),
                     (Some(Err(e)), _, _) => Err(Error::connection(
                         BACKEND,
                         "renewing the session",
@@ -616,15 +628,7 @@ impl Shared {
         // Apply losses after computing the answers.
         for (s, r) in &session_result {
             if matches!(r, Err(Error::LockLost { .. })) {
-                // Safe to call with &Arc<Shared>? We only have &self here, so
-                // mark the leases; the keep-alive task destroys nothing.
-                for w in locked(&s.leases).values() {
-                    if let Some(st) = w.upgrade() {
-                        st.loss
-                            .trigger(LossReason::SessionLost("Consul no longer knows the session".into()));
-                    }
-                }
-                s.dead.cancel();
+                self.session_lost(s, "Consul no longer knows the session", false);
             }
         }
         for (state, r) in states.iter().zip(&out) {
@@ -657,7 +661,11 @@ async fn expiry_timer(weak: Weak<Shared>, state: Arc<LeaseState>) {
             return;
         }
         let Some(shared) = weak.upgrade() else { return };
-        match shared.api.txn(&delete_ops(&state.entry, state.index), false).await {
+        match shared
+            .api
+            .txn(&delete_ops(&state.entry, state.index), false)
+            .await
+        {
             Ok(_) => {
                 shared.finish(&state);
                 return;
@@ -696,7 +704,8 @@ async fn keepalive(weak: Weak<Shared>) {
             Some(shared) => locked(&shared.current).clone(),
             None => return,
         };
-        let Some(session) = current else {
+        let Some(session) = current.filter(|s| !s.dead.is_cancelled()) else {
+            // No live session: the next acquire creates one.
             sleep(period).await;
             next = Instant::now();
             continue;
@@ -758,7 +767,10 @@ async fn watch(weak: Weak<Shared>, key: Key) {
         let entry = shared.cfg.entry_key(&key);
         let wait = shared.cfg.wait;
         let hub = Arc::clone(&shared.hub);
-        let query = shared.api.read(&entry, false, Some((index, wait)));
+        let api = Arc::clone(&shared.api);
+        // Hold no strong reference while blocking: the backend may go away.
+        drop(shared);
+        let query = api.read(&entry, false, Some((index, wait)));
         let unwatched = async {
             loop {
                 sleep(Duration::from_millis(500)).await;
@@ -777,18 +789,21 @@ async fn watch(weak: Weak<Shared>, key: Key) {
                 backoff = Backoff::default();
                 let free = e.as_ref().is_none_or(|e| e.session.is_none());
                 if (first && free) || (!first && new_index != index) {
-                    shared.hub.notify(&key);
+                    hub.notify(&key);
                 }
                 first = false;
                 // Consul: an index that goes backwards means a reset.
-                index = if new_index < index { 0 } else { new_index.max(1) };
+                index = if new_index < index {
+                    0
+                } else {
+                    new_index.max(1)
+                };
             }
             Err(f) => {
                 // Something may have changed unseen: let the waiters re-check.
-                shared.hub.notify(&key);
+                hub.notify(&key);
                 let pause = backoff.next_delay();
                 debug!(error = ?f, key = %key, ?pause, "blocking query failed; retrying");
-                drop(shared);
                 sleep(pause).await;
                 index = 0;
                 first = true;
@@ -903,7 +918,12 @@ impl Backend for ConsulBackend {
         {
             return Ok(false);
         }
-        match self.shared.api.txn(&delete_ops(&entry_key, entry.modify_index), false).await {
+        match self
+            .shared
+            .api
+            .txn(&delete_ops(&entry_key, entry.modify_index), false)
+            .await
+        {
             Ok(TxnOutcome::Committed(_)) => Ok(true),
             Ok(TxnOutcome::RolledBack(_)) => Ok(false),
             Err(f) => Err(f.into_error("releasing")),
@@ -951,8 +971,9 @@ impl ConsulBackend {
             {
                 Err(Error::Unsupported {
                     backend: BACKEND,
-                    what: "extending a lease through another client than the one holding its session"
-                        .into(),
+                    what:
+                        "extending a lease through another client than the one holding its session"
+                            .into(),
                 })
             }
             _ => Err(not_held(lease.key())),

@@ -269,7 +269,11 @@ impl FromStr for ConsulConfig {
 impl fmt::Display for ConsulConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "consuls" } else { "consul" };
-        write!(f, "{scheme}://{}:{}?prefix={}", self.host, self.port, self.prefix)?;
+        write!(
+            f,
+            "{scheme}://{}:{}?prefix={}",
+            self.host, self.port, self.prefix
+        )?;
         if self.token.is_some() {
             f.write_str("&token=***")?;
         }
@@ -489,8 +493,7 @@ fn parse_address(address: &str) -> Result<(bool, String, u16)> {
             "user information in the address is not supported; use token()",
         ));
     }
-    if !(u.path().is_empty() || u.path() == "/") || u.query().is_some() || u.fragment().is_some()
-    {
+    if !(u.path().is_empty() || u.path() == "/") || u.query().is_some() || u.fragment().is_some() {
         return Err(Error::config(
             BACKEND,
             "the address must be host:port or a URL without path or query",
@@ -502,9 +505,11 @@ fn parse_address(address: &str) -> Result<(bool, String, u16)> {
         Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
         None => return Err(Error::config(BACKEND, "the address has no host")),
     };
-    let port = u
-        .port()
-        .unwrap_or(if tls && address.contains("://") { 443 } else { DEFAULT_PORT });
+    let port = u.port().unwrap_or(if tls && address.contains("://") {
+        443
+    } else {
+        DEFAULT_PORT
+    });
     Ok((tls, host, port))
 }
 

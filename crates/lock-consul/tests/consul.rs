@@ -60,9 +60,18 @@ async fn acl_and_tls_work_and_a_wrong_token_is_an_auth_error() {
     assert!(!debug.contains(&token), "token shown: {debug}");
     let locks = LockClient::new(backend);
     let k = key("acl");
-    let g = locks.lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2))).await.unwrap();
+    let g = locks
+        .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+        .await
+        .unwrap();
     assert!(locks.inspect(&k).await.unwrap().held);
-    assert!(locks.try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2))).await.unwrap().is_none());
+    assert!(
+        locks
+            .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+            .await
+            .unwrap()
+            .is_none()
+    );
     g.release().await.unwrap();
 
     // A wrong token, and no token at all (default deny): Error::Auth, fast.
@@ -107,12 +116,18 @@ async fn unreachable_server_is_a_connection_error_within_the_timeouts() {
         .unwrap()
         .port();
     let start = Instant::now();
-    let err = ConsulBackend::connect_url(&format!("consul://127.0.0.1:{port}?session_ttl_min=1s&session_ttl=1s"))
-        .await
-        .unwrap_err();
+    let err = ConsulBackend::connect_url(&format!(
+        "consul://127.0.0.1:{port}?session_ttl_min=1s&session_ttl=1s"
+    ))
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
     assert!(err.is_retryable());
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
 
     // A server that accepts but never answers: the request timeout.
     let env = shared();
@@ -127,7 +142,11 @@ async fn unreachable_server_is_a_connection_error_within_the_timeouts() {
     .unwrap();
     let err = ConsulBackend::connect(cfg).await.unwrap_err();
     assert!(matches!(err, Error::Connection { .. }), "{err:?}");
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     proxy.heal();
 }
 
@@ -158,7 +177,10 @@ async fn bad_configuration_is_a_config_error_before_anything_is_sent() {
 
 fn tempfile_with(bytes: &[u8]) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("lock-consul-{:016x}.pem", rand_u64()));
-    std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
     path
 }
 
@@ -193,10 +215,15 @@ fn traces_never_show_the_token() {
             .unwrap();
         rt.block_on(async {
             let locks = LockClient::new(
-                ConsulBackend::connect(secure_config(&server, &token)).await.unwrap(),
+                ConsulBackend::connect(secure_config(&server, &token))
+                    .await
+                    .unwrap(),
             );
             let k = key("trace");
-            let g = locks.lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2))).await.unwrap();
+            let g = locks
+                .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+                .await
+                .unwrap();
             g.release().await.unwrap();
             let wrong = secure_config(&server, "ffffffff-1111-2222-3333-444444444444");
             let _ = ConsulBackend::connect(wrong).await;
@@ -205,7 +232,10 @@ fn traces_never_show_the_token() {
     let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     assert!(text.contains("consul"), "nothing was traced");
     assert!(!text.contains(&token), "the token appears in the traces");
-    assert!(!text.contains("ffffffff-1111"), "a token appears in the traces");
+    assert!(
+        !text.contains("ffffffff-1111"),
+        "a token appears in the traces"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +257,11 @@ async fn guards_of_one_client_exclude_each_other_despite_the_shared_session() {
     let released = Instant::now();
     first.release().await.unwrap();
     let second = waiter.await.unwrap().unwrap();
-    assert!(released.elapsed() < Duration::from_millis(500), "{:?}", released.elapsed());
+    assert!(
+        released.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        released.elapsed()
+    );
     assert!(second.fencing_token() > t1);
     // The first guard's late release (same session) must not free it.
     second.release().await.unwrap();
@@ -263,7 +297,9 @@ async fn an_invalidated_session_fires_lost_on_every_guard() {
             .unwrap();
     }
     for g in &guards {
-        let reason = timeout(Duration::from_secs(3), g.lost()).await.expect("lost() never fired");
+        let reason = timeout(Duration::from_secs(3), g.lost())
+            .await
+            .expect("lost() never fired");
         assert!(
             matches!(reason, LossReason::SessionLost(_) | LossReason::NotHeld),
             "{reason}"
@@ -306,7 +342,10 @@ async fn excludes_and_is_excluded_by_the_consul_lock_command() {
         &format!("touch {}", marker.display()),
     );
     sleep(Duration::from_millis(1500)).await;
-    assert!(!marker.exists(), "consul lock ran while distlock held the lock");
+    assert!(
+        !marker.exists(),
+        "consul lock ran while distlock held the lock"
+    );
     g.release().await.unwrap();
     let status = run_blocking(|| child.wait()).unwrap();
     assert!(status.success());
@@ -323,7 +362,9 @@ async fn excludes_and_is_excluded_by_the_consul_lock_command() {
             sleep(Duration::from_millis(20)).await;
         }
     };
-    timeout(Duration::from_secs(5), held_by_cli).await.expect("consul lock never took it");
+    timeout(Duration::from_secs(5), held_by_cli)
+        .await
+        .expect("consul lock never took it");
     assert!(locks.try_lock_with(&k, &opts).await.unwrap().is_none());
     let start = Instant::now();
     let g = locks
@@ -346,7 +387,9 @@ async fn counting_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) 
         while let Ok((mut down, _)) = listener.accept().await {
             let c = Arc::clone(&c);
             tokio::spawn(async move {
-                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else { return };
+                let Ok(mut up) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
                 let (mut dr, mut dw) = down.split();
                 let (mut ur, mut uw) = up.split();
                 let to_server = async {
@@ -401,7 +444,11 @@ async fn uncontended_acquire_and_release_take_two_requests() {
         times.push(start.elapsed());
     }
     let requests = count.load(Ordering::SeqCst) - before;
-    assert_eq!(requests, 2 * rounds, "requests for {rounds} acquire+release cycles");
+    assert_eq!(
+        requests,
+        2 * rounds,
+        "requests for {rounds} acquire+release cycles"
+    );
     times.sort();
     eprintln!(
         "uncontended acquire+release through a proxy: median {:?}, p90 {:?}",
@@ -552,12 +599,21 @@ async fn many_locks_are_renewed_in_batches() {
     let opts = LockOptions::new().ttl(Duration::from_secs(60));
     let mut guards = Vec::new();
     for i in 0..100 {
-        guards.push(locks.try_lock_with(key(&format!("batch{i}")), &opts).await.unwrap().unwrap());
+        guards.push(
+            locks
+                .try_lock_with(key(&format!("batch{i}")), &opts)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     let before = count.load(Ordering::SeqCst);
     // Extending all of them the way the renewer does: one batch.
     let leases: Vec<_> = guards.iter().map(|g| g.lease()).collect();
-    let results = locks.backend().extend_batch(&leases, Duration::from_secs(60)).await;
+    let results = locks
+        .backend()
+        .extend_batch(&leases, Duration::from_secs(60))
+        .await;
     assert!(results.iter().all(|r| r.is_ok()));
     let requests = count.load(Ordering::SeqCst) - before;
     // One session renewal plus one check per 64 entries.

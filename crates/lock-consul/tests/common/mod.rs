@@ -18,10 +18,13 @@ pub struct Env {
 impl Env {
     /// Starts a one-server Consul; `persistent` keeps its Raft data (and so
     /// its index) across restarts.
+    // The harness's config is #[non_exhaustive], so no struct literal.
+    #[allow(clippy::field_reassign_with_default)]
     pub fn start(persistent: bool) -> Env {
         let mut cfg = ServerConfig::default();
         cfg.persistent = persistent;
-        let server = ConsulServer::start_with(cfg).expect("start consul (run `cargo xtask install`)");
+        let server =
+            ConsulServer::start_with(cfg).expect("start consul (run `cargo xtask install`)");
         let proxy = TcpProxy::start(server.http_addr()).expect("start proxy");
         Env { server, proxy }
     }
