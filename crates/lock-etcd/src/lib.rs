@@ -20,9 +20,9 @@
 //! // Protect an etcd write with the lock itself: the transaction only
 //! // applies while our lock key still exists with our revision.
 //! let cmp = lock_etcd::ownership_compare(&guard.lease()).expect("an etcd lease");
-//! let txn = etcd_client::Txn::new()
+//! let txn = lock_etcd::etcd_client::Txn::new()
 //!     .when([cmp])
-//!     .and_then([etcd_client::TxnOp::put("orders/42/state", "shipped", None)]);
+//!     .and_then([lock_etcd::etcd_client::TxnOp::put("orders/42/state", "shipped", None)]);
 //! let applied = backend.client().txn(txn).await.map_err(|e| {
 //!     lock_core::Error::backend("etcd", "writing", e)
 //! })?.succeeded();
@@ -148,6 +148,9 @@ mod watch;
 
 pub use backend::EtcdBackend;
 pub use config::{DEFAULT_PREFIX, EtcdConfig, EtcdConfigBuilder};
+/// The etcd client this crate is built on, re-exported so that
+/// transactions built with [`ownership_compare`] use the same version.
+pub use etcd_client;
 
 use etcd_client::{Compare, CompareOp};
 use lock_core::Lease;
