@@ -604,7 +604,13 @@ impl KeepAlive {
         if due && (!held || waiters > 0) && self.inflight.is_empty() {
             self.send().await;
         }
-        if self.inflight.len() > 1 && Instant::now() >= self.last_sent + self.timeout {
+        if self
+            .inflight
+            .front()
+            .is_some_and(|sent| Instant::now() >= *sent + self.timeout)
+        {
+            // A keep-alive unanswered for a whole request timeout: the
+            // stream is stuck (a frozen member); open a new one next time.
             self.broken("keep-alive answers are overdue");
         }
     }

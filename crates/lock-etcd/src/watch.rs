@@ -159,8 +159,10 @@ struct Task {
     failures: u32,
 }
 
-/// Ids for hub watches: negative, so they never clash with waiter ids.
-static HUB_IDS: AtomicI64 = AtomicI64::new(-1);
+/// Ids for hub watches: from 2^48 up, so they never clash with waiter ids
+/// (which count up from 1 per client). Negative ids are avoided: etcd
+/// answers a failed create with watch id -1.
+static HUB_IDS: AtomicI64 = AtomicI64::new(1 << 48);
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
@@ -221,7 +223,7 @@ impl Task {
                     }
                     return;
                 }
-                let id = HUB_IDS.fetch_sub(1, Ordering::Relaxed);
+                let id = HUB_IDS.fetch_add(1, Ordering::Relaxed);
                 self.hubs.insert(
                     key.clone(),
                     HubEntry {

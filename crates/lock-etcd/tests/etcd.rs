@@ -506,3 +506,34 @@ async fn handoff_is_pushed() {
     );
     assert!(times[10] < Duration::from_millis(500));
 }
+
+/// A wait that times out removes its waiter key but leaves the client's
+/// shared lease alone: the client's other locks stay held and renewable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_wait_keeps_the_shared_lease() {
+    let etcd = Etcd::start().await;
+    let (_, a) = client(plain_config(&etcd.server, "")).await;
+    let (_, b) = client(plain_config(&etcd.server, "")).await;
+    let ttl = Duration::from_secs(2);
+    let opts = LockOptions::new().ttl(ttl).wait(Wait::No);
+    let kept = a.lock_with("kept", &opts).await.unwrap();
+    let busy = b.lock_with("busy", &opts).await.unwrap();
+    for _ in 0..3 {
+        let err = a
+            .lock_with(
+                "busy",
+                &opts.clone().wait(Wait::For(Duration::from_millis(300))),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    }
+    assert_eq!(a.inspect("busy").await.unwrap().waiters, Some(0));
+    tokio::select! {
+        reason = kept.lost() => panic!("the shared lease went with the waiter: {reason}"),
+        _ = sleep(ttl * 2) => {}
+    }
+    assert!(b.try_lock("kept").await.unwrap().is_none());
+    kept.release().await.unwrap();
+    busy.release().await.unwrap();
+}
