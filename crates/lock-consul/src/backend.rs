@@ -506,13 +506,21 @@ impl Shared {
         let key = req.key.clone();
         let owner = req.owner;
         let entry = self.cfg.entry_key(&key);
-        let give_up = Instant::now() + self.cfg.session_ttl * 2;
+        // After this long the claim is given up, so this client may try the
+        // key again (a new grant writes a new owner, which the cleanup will
+        // not touch); the cleanup itself goes on while the session lives.
+        let release_claim_at = Instant::now() + self.cfg.session_ttl * 2;
         tokio::spawn(async move {
             let mut backoff = Backoff::default();
+            let mut claim_held = true;
             loop {
                 let Some(shared) = weak.upgrade() else { return };
-                if session.dead.is_cancelled() || Instant::now() >= give_up {
+                if session.dead.is_cancelled() {
                     break;
+                }
+                if claim_held && Instant::now() >= release_claim_at {
+                    shared.drop_claim(&key, claim);
+                    claim_held = false;
                 }
                 match shared.api.read(&entry, true, None).await {
                     Ok((Some(e), _))
@@ -537,7 +545,7 @@ impl Shared {
                 drop(shared);
                 sleep(backoff.next_delay()).await;
             }
-            if let Some(shared) = weak.upgrade() {
+            if claim_held && let Some(shared) = weak.upgrade() {
                 shared.drop_claim(&key, claim);
             }
         });
@@ -617,6 +625,12 @@ impl Shared {
                         "the check transaction failed",
                     )),
                     _ if state.done.is_cancelled() => Err(not_held(&state.key)),
+                    // Our expiry timer fired while the renewal was under way:
+                    // the entry is being freed, the loss already reported.
+                    _ if state.loss.is_triggered() => Err(Error::LockLost {
+                        key: state.key.to_string(),
+                        reason: state.loss.reason().unwrap_or(LossReason::Expired),
+                    }),
                     _ => {
                         *locked(&state.expires_at) = sent + ttl;
                         Ok(deadline(sent, ttl))
@@ -998,5 +1012,43 @@ impl Drop for Shared {
                 debug!(error = ?e, "destroying the session on drop failed; it will expire");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_value_round_trips_the_owner() {
+        let owner = OwnerToken::generate();
+        let entry = Entry {
+            session: Some("s".into()),
+            modify_index: 7,
+            value: Some(entry_value(&owner)),
+        };
+        assert_eq!(entry_owner(&entry), Some(owner));
+        let foreign = Entry {
+            value: Some(b"hello".to_vec()),
+            ..entry.clone()
+        };
+        assert_eq!(entry_owner(&foreign), None);
+        let empty = Entry {
+            value: None,
+            ..entry
+        };
+        assert_eq!(entry_owner(&empty), None);
+    }
+
+    #[test]
+    fn capabilities_follow_the_configuration() {
+        let cfg: ConsulConfig = "consul://h?session_ttl_min=1s&session_ttl=2s&lock_delay=3s"
+            .parse()
+            .unwrap();
+        let caps = capabilities(&cfg);
+        assert_eq!(caps.min_ttl, Duration::from_secs(4));
+        assert_eq!(caps.expiry_grace, Duration::from_millis(7500));
+        assert!(!caps.fifo.is_supported());
+        assert!(caps.push_wakeup.is_supported());
     }
 }
