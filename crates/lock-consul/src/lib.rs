@@ -138,7 +138,12 @@
 //!   validity deadline, which is measured from the request's send time minus
 //!   a clock-drift margin), and fencing tokens protect the resource from
 //!   late writers, so a lock-delay of 0 is reasonable when every writer
-//!   checks fencing tokens. A normal release is not delayed.
+//!   checks fencing tokens. A normal release is not delayed. One case needs
+//!   the lock-delay: a session destroyed by an operator (`consul session
+//!   destroy`) is noticed at the client's next renewal, within
+//!   `session_ttl / 3`; keep the lock-delay above that so the old holder's
+//!   `lost()` fires before anyone else can lock (the defaults, 15 s and 5 s,
+//!   do).
 //! - **Clocks**: validity is measured on the local monotonic clock, from
 //!   when a request was sent, minus 1% + 2 ms; it assumes the clocks of
 //!   client and server do not drift apart by more than that over a TTL. No

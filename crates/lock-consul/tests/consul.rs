@@ -622,3 +622,116 @@ async fn many_locks_are_renewed_in_batches() {
         g.release().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_whose_answer_is_lost_is_undone() {
+    let env = shared();
+    let slow = server_harness::TcpProxy::start(env.server.http_addr()).unwrap();
+    // A long session: only the cleanup, not the session's end, can free
+    // the key within this test.
+    let cfg = ConsulConfig::builder()
+        .address(slow.addr().to_string())
+        .prefix("distlock-test")
+        .session_ttl_min(Duration::from_secs(1))
+        .session_ttl(Duration::from_secs(20))
+        .lock_delay(Duration::ZERO)
+        .request_timeout(Duration::from_millis(800))
+        .build()
+        .unwrap();
+    let a = LockClient::new(ConsulBackend::connect(cfg).await.unwrap());
+    let b = client_at(env.proxy.addr()).await;
+    let k = key("lost-answer");
+    let opts = LockOptions::new().ttl(Duration::from_secs(60));
+    // The request reaches Consul after 500 ms and is applied; the answer
+    // would come back after 1 s, past the 800 ms timeout.
+    slow.set_delay(Duration::from_millis(500));
+    let err = a.try_lock_with(&k, &opts).await.unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err:?}");
+    assert!(
+        b.inspect(&k).await.unwrap().held,
+        "the acquire was not applied"
+    );
+    slow.set_delay(Duration::ZERO);
+    let start = Instant::now();
+    let g = b
+        .lock_with(&k, &opts.clone().wait(Wait::For(Duration::from_secs(10))))
+        .await
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "freed only after {:?}",
+        start.elapsed()
+    );
+    g.release().await.unwrap();
+    // And the client that lost the answer can take the key again.
+    let again = a
+        .lock_with(&k, &opts.clone().wait(Wait::For(Duration::from_secs(5))))
+        .await
+        .unwrap();
+    again.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_delay_holds_the_key_after_a_session_is_invalidated() {
+    let env = Arc::new(run_blocking(|| Env::start(false)));
+    let delayed = ConsulConfig::builder()
+        .address(env.proxy.addr().to_string())
+        .prefix("distlock-test")
+        .session_ttl_min(Duration::from_secs(1))
+        .session_ttl(Duration::from_secs(6))
+        .lock_delay(Duration::from_secs(4))
+        .build()
+        .unwrap();
+    let a = LockClient::new(ConsulBackend::connect(delayed).await.unwrap());
+    let b = client_at(env.proxy.addr()).await;
+    let k = key("lock-delay");
+    let opts = LockOptions::new().ttl(Duration::from_secs(20));
+    let g = a.lock_with(&k, &opts).await.unwrap();
+    // An operator invalidates a's session (b's has no lock-delay and holds
+    // nothing, so destroying it too changes nothing here).
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/v1", env.server.http_addr());
+    let body = http
+        .get(format!("{base}/session/list"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let invalidated = Instant::now();
+    for s in list.iter().filter(|s| s["LockDelay"].as_u64() != Some(0)) {
+        let id = s["ID"].as_str().unwrap();
+        http.put(format!("{base}/session/destroy/{id}"))
+            .send()
+            .await
+            .unwrap();
+    }
+    // The next session renewal (every session_ttl / 3 = 2 s) finds out,
+    // within the lock-delay.
+    let reason = timeout(Duration::from_secs(3), g.lost())
+        .await
+        .expect("lost() never fired");
+    assert!(
+        matches!(reason, LossReason::SessionLost(_) | LossReason::NotHeld),
+        "{reason}"
+    );
+    let told = invalidated.elapsed();
+    let next = b
+        .lock_with(&k, &opts.clone().wait(Wait::For(Duration::from_secs(10))))
+        .await
+        .unwrap();
+    let waited = invalidated.elapsed();
+    assert!(
+        told < waited,
+        "the old holder was told only after the next grant"
+    );
+    assert!(
+        waited >= Duration::from_millis(3900),
+        "lock-delay not honoured: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(7), "waited {waited:?}");
+    assert!(next.fencing_token() > g.fencing_token());
+    next.release().await.unwrap();
+}
