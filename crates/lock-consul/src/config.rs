@@ -269,29 +269,23 @@ impl FromStr for ConsulConfig {
 impl fmt::Display for ConsulConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = if self.tls { "consuls" } else { "consul" };
-        write!(
-            f,
-            "{scheme}://{}:{}?prefix={}",
-            self.host, self.port, self.prefix
-        )?;
+        let d = |t: Duration| humantime::format_duration(t).to_string();
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("prefix", &self.prefix);
         if self.token.is_some() {
-            f.write_str("&token=***")?;
+            q.append_pair("token", "***");
         }
         if let Some(ca) = &self.ca_file {
-            write!(f, "&ca_file={}", ca.display())?;
+            q.append_pair("ca_file", &ca.display().to_string());
         }
-        let d = humantime::format_duration;
-        write!(
-            f,
-            "&session_ttl={}&session_ttl_min={}&lock_delay={}&behavior={}&connect_timeout={}&request_timeout={}&wait={}",
-            d(self.session_ttl),
-            d(self.session_ttl_min),
-            d(self.lock_delay),
-            self.behavior.as_str(),
-            d(self.connect_timeout),
-            d(self.request_timeout),
-            d(self.wait),
-        )
+        q.append_pair("session_ttl", &d(self.session_ttl))
+            .append_pair("session_ttl_min", &d(self.session_ttl_min))
+            .append_pair("lock_delay", &d(self.lock_delay))
+            .append_pair("behavior", self.behavior.as_str())
+            .append_pair("connect_timeout", &d(self.connect_timeout))
+            .append_pair("request_timeout", &d(self.request_timeout))
+            .append_pair("wait", &d(self.wait));
+        write!(f, "{scheme}://{}:{}?{}", self.host, self.port, q.finish())
     }
 }
 
@@ -551,13 +545,17 @@ mod tests {
         assert_eq!(c.session_ttl(), DEFAULT_SESSION_TTL);
         let back: ConsulConfig = c.to_string().parse().unwrap();
         assert_eq!(back, c);
-        let s: ConsulConfig = "consuls://h:8501?ca_file=/x/ca.pem&behavior=delete&lock_delay=0s&session_ttl_min=1s&session_ttl=2s&prefix="
+        let s: ConsulConfig = "consuls://h:8501?ca_file=/x/my%20ca%26.pem&behavior=delete&lock_delay=0s&session_ttl_min=1s&session_ttl=2s&prefix="
             .parse()
             .unwrap();
         assert_eq!(s.base_url(), "https://h:8501");
         assert_eq!(s.behavior(), SessionBehavior::Delete);
         assert_eq!(s.lock_delay(), Duration::ZERO);
         assert_eq!(s.prefix(), "");
+        assert_eq!(
+            s.ca_file.as_deref(),
+            Some(std::path::Path::new("/x/my ca&.pem"))
+        );
         let back: ConsulConfig = s.to_string().parse().unwrap();
         assert_eq!(back, s);
         let k = lock_core::Key::new("a/b").unwrap();

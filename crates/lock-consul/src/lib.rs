@@ -83,7 +83,8 @@
 //!   waits on it, and wakes every waiter of that key when it changes (about
 //!   2–4 ms after a release). After an error it wakes them to re-check and
 //!   backs off; waiters also re-check every second (lock-delay ends
-//!   silently).
+//!   silently). Each watched key holds one HTTP/1.1 connection to the agent
+//!   while it is watched.
 //! - **Same-client exclusion**: Consul lets a session lock a key it already
 //!   holds. The client therefore keeps a table of the keys its guards hold
 //!   and answers "held" for them itself.

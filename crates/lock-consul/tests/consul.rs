@@ -455,6 +455,22 @@ async fn uncontended_acquire_and_release_take_two_requests() {
         times[rounds / 2],
         times[rounds * 9 / 10]
     );
+    // The same without the proxy, for the record.
+    let direct = client_at(shared().server.http_addr()).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let mut times = Vec::new();
+    for _ in 0..rounds {
+        let start = Instant::now();
+        let g = direct.try_lock_with(&k, &opts).await.unwrap().unwrap();
+        g.release().await.unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    eprintln!(
+        "uncontended acquire+release, direct: median {:?}, p90 {:?}",
+        times[rounds / 2],
+        times[rounds * 9 / 10]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
