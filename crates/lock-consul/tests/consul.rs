@@ -751,3 +751,52 @@ async fn lock_delay_holds_the_key_after_a_session_is_invalidated() {
     assert!(next.fencing_token() > g.fencing_token());
     next.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_key_write_is_an_auth_error_on_acquire() {
+    let server = Arc::new(run_blocking(|| ConsulServer::start_secure().unwrap()));
+    let master = server.token().unwrap().to_string();
+    // A token that may create sessions but not write keys, made through
+    // the plain-HTTP port the harness keeps open.
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/v1", server.http_addr());
+    let put = |path: &str, body: serde_json::Value| {
+        http.put(format!("{base}/{path}"))
+            .header("X-Consul-Token", &master)
+            .body(body.to_string())
+            .send()
+    };
+    let r = put(
+        "acl/policy",
+        serde_json::json!({
+            "Name": "sessions-only",
+            "Rules": "session_prefix \"\" { policy = \"write\" }\nkey_prefix \"\" { policy = \"read\" }",
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let r = put(
+        "acl/token",
+        serde_json::json!({ "Policies": [{ "Name": "sessions-only" }] }),
+    )
+    .await
+    .unwrap();
+    let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    let limited = body["SecretID"].as_str().unwrap().to_string();
+
+    let locks = LockClient::new(
+        ConsulBackend::connect(secure_config(&server, &limited))
+            .await
+            .unwrap(),
+    );
+    let k = key("no-write");
+    let err = locks
+        .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err:?}");
+    assert!(!format!("{err} {err:?}").contains(&limited));
+    // Nothing was written, and reading is allowed.
+    assert!(!locks.inspect(&k).await.unwrap().held);
+}
