@@ -289,6 +289,14 @@ async fn an_invalidated_session_fires_lost_on_every_guard() {
         .unwrap();
     let list: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
     assert!(!list.is_empty());
+    for s in &list {
+        // Only the TTL may invalidate our sessions: no health checks.
+        assert_eq!(s["NodeChecks"], serde_json::json!([]), "{s}");
+        assert!(s["ServiceChecks"].is_null(), "{s}");
+        assert_eq!(s["TTL"], "1000ms", "{s}");
+        assert_eq!(s["LockDelay"], 0, "{s}");
+        assert_eq!(s["Behavior"], "release", "{s}");
+    }
     for s in list {
         let id = s["ID"].as_str().unwrap();
         http.put(format!("{base}/session/destroy/{id}"))
