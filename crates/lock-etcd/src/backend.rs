@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 use crate::BACKEND;
 use crate::config::EtcdConfig;
 use crate::errors::{call, is_lease_not_found, map, txn_raw};
-use crate::session::{Session, delete_own, ttl_secs, valid_until};
+use crate::session::{GateTidy, Session, delete_own, ttl_secs, valid_until};
 use crate::watch::Watches;
 
 /// The most operations etcd accepts in one transaction by default
@@ -443,6 +443,7 @@ impl EtcdBackend {
                 Err(e) => return Err(e),
             };
             let path = format!("{prefix}{}", session.hex);
+            let _tidy = GateTidy(Arc::clone(&session), path.clone());
             let gate = session.gate(&path);
             let _mark = wait.then(|| session.waiting());
             let permit = if wait {

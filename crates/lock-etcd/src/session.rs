@@ -97,6 +97,16 @@ enum Cmd {
     Kick,
 }
 
+/// Removes an unused gate when an acquire attempt ends (declared before
+/// the gate and its permit, so it runs after they are dropped).
+pub(crate) struct GateTidy(pub(crate) Arc<Session>, pub(crate) String);
+
+impl Drop for GateTidy {
+    fn drop(&mut self) {
+        self.0.tidy_gate(&self.1);
+    }
+}
+
 /// Decrements the waiter count when a wait ends.
 pub(crate) struct WaiterMark(Arc<Session>);
 
@@ -224,6 +234,18 @@ impl Session {
         )
     }
 
+    /// Drops the gate of `path` if nobody uses it any more.
+    pub(crate) fn tidy_gate(&self, path: &str) {
+        let mut st = self.state();
+        if let Some(g) = st.gates.get(path)
+            && Arc::strong_count(g) == 1
+            && g.available_permits() == 1
+            && !st.locks.contains_key(path)
+        {
+            st.gates.remove(path);
+        }
+    }
+
     /// Counts a waiter (waiters keep the lease alive on their own).
     pub(crate) fn waiting(self: &Arc<Self>) -> WaiterMark {
         self.state().waiters += 1;
@@ -304,17 +326,13 @@ impl Session {
 
     /// Forgets a lock (released, or known not to be ours).
     pub(crate) fn forget(&self, path: &str, rev: i64) {
-        let mut st = self.state();
-        if st.locks.get(path).is_some_and(|e| e.rev == rev) {
-            st.locks.remove(path);
-        }
-        if let Some(g) = st.gates.get(path)
-            && Arc::strong_count(g) == 1
-            && g.available_permits() == 1
-            && !st.locks.contains_key(path)
         {
-            st.gates.remove(path);
+            let mut st = self.state();
+            if st.locks.get(path).is_some_and(|e| e.rev == rev) {
+                st.locks.remove(path);
+            }
         }
+        self.tidy_gate(path);
     }
 
     /// Whether `path` with `rev` is still registered as held.
