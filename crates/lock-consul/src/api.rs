@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use consulrs::api::kv::common::KVPair;
 use consulrs::api::kv::requests::ReadKeyRequest;
+use consulrs::api::session::common::SessionEntry;
 use consulrs::api::session::requests::{
-    CreateSessionRequest, DeleteSessionRequest, RenewSessionRequest,
+    CreateSessionRequest, DeleteSessionRequest, ReadSessionRequest, RenewSessionRequest,
 };
 use consulrs::api::session::responses::CreateSessionResponse;
 use lock_core::{BoxError, Error, Result};
@@ -353,6 +354,39 @@ impl Api {
         Self::check(status, &body)
     }
 
+    /// Whether Consul knows session `id`: `(exists, X-Consul-Index)`. With
+    /// `block`, a blocking query on the sessions table.
+    pub(crate) async fn session_exists(
+        &self,
+        id: &str,
+        block: Option<(u64, Duration)>,
+    ) -> Result<(bool, u64), Failure> {
+        let endpoint = ReadSessionRequest::builder()
+            .uuid(id)
+            .build()
+            .map_err(|e| Failure::Decode(format!("cannot build the request: {e}")))?;
+        let mut req = self.prepare(&endpoint)?;
+        let timeout = self.add_blocking(&mut req, block);
+        let (status, headers, body) = self.send(req, timeout).await?;
+        let index = consul_index(&headers);
+        Self::check(status, &body)?;
+        let sessions: Option<Vec<SessionEntry>> = Self::decode(&body)?;
+        Ok((sessions.is_some_and(|s| !s.is_empty()), index))
+    }
+
+    /// Adds `index` and `wait` to a request; returns its timeout.
+    fn add_blocking(&self, req: &mut reqwest::Request, block: Option<(u64, Duration)>) -> Duration {
+        let mut timeout = self.request_timeout;
+        if let Some((index, wait)) = block {
+            let mut q = req.url_mut().query_pairs_mut();
+            q.append_pair("index", &index.to_string());
+            q.append_pair("wait", &format!("{}ms", wait.as_millis()));
+            // Consul adds up to wait/16 of jitter.
+            timeout += wait + wait / 16;
+        }
+        timeout
+    }
+
     /// Reads one entry: `(entry or None if missing, X-Consul-Index)`.
     ///
     /// `consistent` asks the leader to confirm its leadership first (no
@@ -370,25 +404,14 @@ impl Api {
             .build()
             .map_err(|e| Failure::Decode(format!("cannot build the request: {e}")))?;
         let mut req = self.prepare(&endpoint)?;
-        let mut timeout = self.request_timeout;
-        {
-            let mut q = req.url_mut().query_pairs_mut();
-            if consistent {
-                q.append_key_only("consistent");
-            }
-            if let Some((index, wait)) = block {
-                q.append_pair("index", &index.to_string());
-                q.append_pair("wait", &format!("{}ms", wait.as_millis()));
-                // Consul adds up to wait/16 of jitter.
-                timeout += wait + wait / 16;
-            }
+        if consistent {
+            req.url_mut()
+                .query_pairs_mut()
+                .append_key_only("consistent");
         }
+        let timeout = self.add_blocking(&mut req, block);
         let (status, headers, body) = self.send(req, timeout).await?;
-        let index = headers
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        let index = consul_index(&headers);
         match Self::check(status, &body) {
             Ok(()) => {
                 let mut pairs: Vec<KVPair> = Self::decode(&body)?;
@@ -435,6 +458,14 @@ impl Api {
         }
         Ok(TxnOutcome::Committed(entries))
     }
+}
+
+fn consul_index(headers: &HeaderMap) -> u64 {
+    headers
+        .get("X-Consul-Index")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Standard base64 with padding (the form Consul's JSON API uses).

@@ -206,6 +206,7 @@ impl ConsulBackend {
         };
         backend.shared.session().await?;
         tokio::spawn(keepalive(Arc::downgrade(&backend.shared)));
+        tokio::spawn(session_watch(Arc::downgrade(&backend.shared)));
         Ok(backend)
     }
 
@@ -763,6 +764,59 @@ async fn keepalive(weak: Weak<Shared>) {
     }
 }
 
+/// Watches the current session with a blocking query, so that a session
+/// invalidated by Consul (an operator's `consul session destroy`, say) is
+/// reported through every lease's `lost()` within milliseconds rather than
+/// at the next renewal.
+async fn session_watch(weak: Weak<Shared>) {
+    let mut index = 0u64;
+    let mut watched = String::new();
+    let mut backoff = Backoff::default();
+    loop {
+        let (api, wait, current) = match weak.upgrade() {
+            Some(shared) => (
+                Arc::clone(&shared.api),
+                shared.cfg.wait,
+                locked(&shared.current).clone(),
+            ),
+            None => return,
+        };
+        let Some(session) = current.filter(|s| !s.dead.is_cancelled()) else {
+            sleep(Duration::from_millis(500)).await;
+            continue;
+        };
+        if watched != session.id {
+            watched = session.id.clone();
+            index = 0;
+        }
+        let result = tokio::select! {
+            r = api.session_exists(&session.id, Some((index, wait))) => r,
+            _ = session.dead.cancelled() => continue,
+        };
+        match result {
+            Ok((true, new_index)) => {
+                backoff = Backoff::default();
+                index = if new_index < index {
+                    0
+                } else {
+                    new_index.max(1)
+                };
+            }
+            Ok((false, _)) => {
+                if let Some(shared) = weak.upgrade() {
+                    shared.session_lost(&session, "Consul invalidated the session", false);
+                }
+            }
+            Err(f) => {
+                let pause = backoff.next_delay();
+                debug!(error = ?f, ?pause, "session watch failed; retrying");
+                sleep(pause).await;
+                index = 0;
+            }
+        }
+    }
+}
+
 /// Watches one key with blocking queries while this client has waiters on
 /// it, and wakes them on every change.
 async fn watch(weak: Weak<Shared>, key: Key) {
@@ -1003,6 +1057,8 @@ impl Drop for Shared {
         let Some(session) = locked(&self.current).take() else {
             return;
         };
+        // Stops the session watch and the keep-alive at once.
+        session.dead.cancel();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -55,8 +55,9 @@
 //! - **One session per client.** [`ConsulBackend::connect`] creates a
 //!   session (TTL `session_ttl`, the configured lock-delay and behavior, and
 //!   *no health checks*, so only its TTL or an operator can invalidate it).
-//!   One task renews it every third of its TTL; every lock of the client
-//!   uses it. There is no session per acquire.
+//!   One task renews it every third of its TTL, and one blocking query on
+//!   the session notices at once if Consul invalidates it; every lock of the
+//!   client uses it. There is no session per acquire.
 //! - **Acquire** is one `/v1/txn` request with a KV `lock` operation on
 //!   `<prefix>/<key>/.lock`, carrying the flags `consul lock` uses
 //!   (`0x2ddccbc058a50c18`) and the owner token in the value. The
@@ -96,7 +97,8 @@
 //! - **Loss**: a lease is reported lost through its guard's `lost()` when
 //!   its validity deadline passes without renewal, when the renewal check
 //!   finds the entry changed or gone, or when the session is lost: Consul
-//!   answers that it no longer knows it, or it could not be renewed before
+//!   invalidated it (seen by the session's blocking query, or answered to a
+//!   renewal), or it could not be renewed before
 //!   its own deadline (then every lease on it fires at that deadline, before
 //!   Consul could invalidate it, and the session is destroyed as soon as the
 //!   server answers). A new session is created for the next acquire.
@@ -141,10 +143,11 @@
 //!   late writers, so a lock-delay of 0 is reasonable when every writer
 //!   checks fencing tokens. A normal release is not delayed. One case needs
 //!   the lock-delay: a session destroyed by an operator (`consul session
-//!   destroy`) is noticed at the client's next renewal, within
-//!   `session_ttl / 3`; keep the lock-delay above that so the old holder's
-//!   `lost()` fires before anyone else can lock (the defaults, 15 s and 5 s,
-//!   do).
+//!   destroy`) is invalidated at once, without regard to our deadlines. The
+//!   client's blocking query on its session tells every guard within
+//!   milliseconds (at the latest at the next renewal, within
+//!   `session_ttl / 3`, if that query is disconnected); a lock-delay above
+//!   that keeps anyone else from locking before the old holder knows.
 //! - **Clocks**: validity is measured on the local monotonic clock, from
 //!   when a request was sent, minus 1% + 2 ms; it assumes the clocks of
 //!   client and server do not drift apart by more than that over a TTL. No
