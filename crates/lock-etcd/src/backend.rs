@@ -431,7 +431,12 @@ impl EtcdBackend {
             if cancel.is_cancelled() {
                 return Ok(None);
             }
-            let session = match self.session(req.ttl).await {
+            let session = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return Ok(None),
+                s = self.session(req.ttl) => s,
+            };
+            let session = match session {
                 Ok(s) => s,
                 Err(e) if wait && e.is_retryable() => {
                     warn!(error = %e, "granting a lease failed; retrying");

@@ -80,12 +80,17 @@
 //! - **Lease loss**: a keep-alive answered "not found" (the lease expired
 //!   while we were cut off, or was revoked) fires the
 //!   [`lost()`](lock_core::LockGuard::lost) signal of every lock on it.
-//! - **Failover**: etcd keeps leases across leader changes (the new leader
-//!   even extends them by an election timeout), so holders keep their locks;
-//!   requests fail with [`Error::Connection`](lock_core::Error::Connection)
-//!   while there is no leader and the client retries. Locks abandoned by a
-//!   crashed client may be freed up to one election timeout later during a
-//!   failover.
+//! - **Failover**: etcd keeps leases across leader changes, so holders keep
+//!   their locks; requests fail with
+//!   [`Error::Connection`](lock_core::Error::Connection) while there is no
+//!   leader, and the client retries (requests routed to a dead member are
+//!   resent, streams reopen, waiters' watches resume from the revision they
+//!   read). The new leader restarts every lease's full TTL plus an election
+//!   timeout (etcd 3.5 does not checkpoint remaining TTLs by default), so a
+//!   lock *abandoned by a crashed client* just before a failover may be freed
+//!   up to one TTL plus one election timeout later than usual; the declared
+//!   expiry grace does not cover that case. Holders are unaffected: their
+//!   deadlines only ever shrink.
 //! - **Restart**: leases, keys and revisions are persisted; a lock whose
 //!   lease survived a restart is still held and renewable.
 //! - **Per-lock TTL on a shared lease**: a lock that is not renewed is deleted

@@ -392,7 +392,9 @@ pub(crate) fn valid_until(sent_at: Instant, ttl: Duration) -> Instant {
 
 /// The lease TTL for a lock TTL: whole seconds, rounded up.
 pub(crate) fn ttl_secs(ttl: Duration) -> i64 {
-    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
     i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
 }
 
@@ -664,5 +666,34 @@ async fn next_message(
     match stream {
         Some((_, rx)) => rx.message().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttl_rounds_up_to_whole_seconds() {
+        assert_eq!(ttl_secs(Duration::from_secs(2)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(2001)), 3);
+        assert_eq!(ttl_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(ttl_secs(Duration::from_millis(1)), 1);
+        assert_eq!(ttl_secs(Duration::MAX), i64::MAX);
+    }
+
+    #[test]
+    fn validity_counts_from_the_send_time_and_keeps_margins() {
+        let sent = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let v = valid_until(sent, ttl);
+        // 1% + 2 ms drift margin, plus 1% (at most 50 ms) scheduling allowance.
+        assert_eq!(
+            v,
+            sent + ttl - Duration::from_millis(102) - Duration::from_millis(50)
+        );
+        let short = valid_until(sent, Duration::from_secs(2));
+        assert_eq!(short, sent + Duration::from_millis(2000 - 22 - 20));
+        assert!(valid_until(sent, Duration::from_millis(1)) >= sent);
     }
 }

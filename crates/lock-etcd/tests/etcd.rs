@@ -537,3 +537,60 @@ async fn timed_out_wait_keeps_the_shared_lease() {
     kept.release().await.unwrap();
     busy.release().await.unwrap();
 }
+
+/// All waiters of one client share one watch stream, and all its locks of
+/// one TTL share one lease and one keep-alive stream (counted by the
+/// server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_one_watch_stream_and_one_lease() {
+    let etcd = Etcd::start().await;
+    let server = &etcd.server;
+    let (grant0, watch0, ka0) = (
+        started(server, "LeaseGrant"),
+        started(server, "Watch"),
+        started(server, "LeaseKeepAlive"),
+    );
+    let (_, a) = client(plain_config(server, "")).await;
+    let (_, b) = client(plain_config(server, "")).await;
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(10))
+        .wait(Wait::No);
+    let n = 40;
+    let mut held = Vec::new();
+    for i in 0..n {
+        held.push(a.lock_with(format!("shared-{i}"), &opts).await.unwrap());
+    }
+    let mut waiters = Vec::new();
+    for i in 0..n {
+        let b = b.clone();
+        let o = opts.clone().wait(Wait::For(Duration::from_secs(30)));
+        waiters.push(tokio::spawn(async move {
+            b.lock_with(format!("shared-{i}"), &o).await.unwrap()
+        }));
+    }
+    sleep(Duration::from_millis(500)).await;
+    assert!(waiters.iter().all(|w| !w.is_finished()));
+    for g in held {
+        g.release().await.unwrap();
+    }
+    for w in waiters {
+        timeout(Duration::from_secs(10), w)
+            .await
+            .expect("waiter stuck")
+            .unwrap()
+            .release()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        started(server, "LeaseGrant") - grant0,
+        2,
+        "one lease per client"
+    );
+    assert!(
+        started(server, "Watch") - watch0 <= 1,
+        "{} watch streams for {n} waiters",
+        started(server, "Watch") - watch0
+    );
+    assert!(started(server, "LeaseKeepAlive") - ka0 <= 2);
+}
