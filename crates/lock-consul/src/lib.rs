@@ -126,11 +126,14 @@
 //! - **Locks need a TTL of at least twice the session TTL.** A client that
 //!   dies stops renewing its session; Consul invalidates it only after
 //!   *up to twice* its TTL (Consul 1.8 waits 2 × TTL), then applies the
-//!   lock-delay. A crashed holder's lock is therefore free after at most
-//!   `2 × session_ttl + lock_delay`, which is what `expiry_grace` states.
-//!   Shorter session TTLs free crashed holders' locks sooner and cost more
-//!   renewals (one request per client every `session_ttl / 3`). Consul
-//!   refuses session TTLs below its agents' `session_ttl_min` (10 s unless
+//!   lock-delay. A crashed holder's lock is therefore free at most
+//!   `2 × session_ttl + lock_delay` (+ about 500 ms) after it died, which is
+//!   what `expiry_grace` states. With lock TTLs of at least
+//!   `2 × session_ttl`, that is never more than one lock TTL plus the
+//!   lock-delay after the holder's death, as with the other backends. Shorter
+//!   session TTLs free crashed holders' locks sooner and cost more renewals
+//!   (one request per client every `session_ttl / 3`). Consul refuses
+//!   session TTLs below its agents' `session_ttl_min` (10 s unless
 //!   configured; the test agents use 1 s).
 //! - **Lock-delay (default 15 s, Consul's own default)**: after a session is
 //!   invalidated, Consul refuses to lock its keys again for this long. It
