@@ -239,6 +239,27 @@ impl Api {
             })?;
             builder = builder.add_root_certificate(cert);
         }
+        if let (Some(cert), Some(key)) = (&cfg.cert_file, &cfg.key_file) {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p).map_err(|e| {
+                    Error::config(BACKEND, format!("cannot read {}: {e}", p.display()))
+                })
+            };
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                Error::config(
+                    BACKEND,
+                    format!(
+                        "cert_file {} and key_file {} are not a usable certificate and key: {e}",
+                        cert.display(),
+                        key.display()
+                    ),
+                )
+            })?;
+            builder = builder.identity(identity);
+        }
         let http = builder
             .build()
             .map_err(|e| Error::config(BACKEND, format!("cannot set up the HTTP client: {e}")))?;

@@ -92,6 +92,8 @@ pub struct ConsulConfig {
     pub(crate) port: u16,
     pub(crate) token: Option<Secret>,
     pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     pub(crate) prefix: String,
     pub(crate) session_ttl: Duration,
     pub(crate) session_ttl_min: Duration,
@@ -128,6 +130,8 @@ impl Default for ConsulConfig {
             port: DEFAULT_PORT,
             token: None,
             ca_file: None,
+            cert_file: None,
+            key_file: None,
             prefix: DEFAULT_PREFIX.into(),
             session_ttl: DEFAULT_SESSION_TTL,
             session_ttl_min: DEFAULT_SESSION_TTL_MIN,
@@ -275,8 +279,14 @@ impl fmt::Display for ConsulConfig {
         if self.token.is_some() {
             q.append_pair("token", "***");
         }
-        if let Some(ca) = &self.ca_file {
-            q.append_pair("ca_file", &ca.display().to_string());
+        for (name, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(p) = path {
+                q.append_pair(name, &p.display().to_string());
+            }
         }
         q.append_pair("session_ttl", &d(self.session_ttl))
             .append_pair("session_ttl_min", &d(self.session_ttl_min))
@@ -320,6 +330,21 @@ impl ConsulConfigBuilder {
     /// built-in roots). Implies TLS.
     pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.cfg.ca_file = Some(path.into());
+        self.cfg.tls = true;
+        self
+    }
+
+    /// A client certificate (PEM) for agents that verify clients
+    /// (`verify_incoming`); needs [`key_file`](Self::key_file). Implies TLS.
+    pub fn cert_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cfg.cert_file = Some(path.into());
+        self.cfg.tls = true;
+        self
+    }
+
+    /// The client certificate's private key (PEM, PKCS#8 or RSA).
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cfg.key_file = Some(path.into());
         self.cfg.tls = true;
         self
     }
@@ -387,6 +412,8 @@ impl ConsulConfigBuilder {
             // Never echo the token's value.
             "token" => self = self.token(value),
             "ca_file" => self = self.ca_file(value),
+            "cert_file" => self = self.cert_file(value),
+            "key_file" => self = self.key_file(value),
             "prefix" => self = self.prefix(value),
             "session_ttl" => self = self.session_ttl(dur(value)?),
             "session_ttl_min" => self = self.session_ttl_min(dur(value)?),
@@ -399,7 +426,7 @@ impl ConsulConfigBuilder {
                 return Err(Error::config(
                     BACKEND,
                     format!(
-                        "unknown query parameter {name:?} (known: token, ca_file, prefix, session_ttl, \
+                        "unknown query parameter {name:?} (known: token, ca_file, cert_file, key_file, prefix, session_ttl, \
                          session_ttl_min, lock_delay, behavior, connect_timeout, request_timeout, wait)"
                     ),
                 ));
@@ -427,6 +454,9 @@ impl ConsulConfigBuilder {
                         .into(),
                 );
             }
+        }
+        if c.cert_file.is_some() != c.key_file.is_some() {
+            return bad("cert_file and key_file go together".into());
         }
         check_prefix(&c.prefix)?;
         if c.session_ttl_min.is_zero() || c.session_ttl_min > MAX_SESSION_TTL {
@@ -584,6 +614,7 @@ mod tests {
             "consul://h?behavior=keep",
             "consul://h?token=has%20space-SECRETVALUE",
             "consul://h?wait=0s",
+            "consul://h?cert_file=/c.pem",
             "consul://h:99999",
         ] {
             let err = bad.parse::<ConsulConfig>().unwrap_err();

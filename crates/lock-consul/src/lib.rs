@@ -38,6 +38,7 @@
 //! |---|---|---|
 //! | `token` | none | ACL token, sent as `X-Consul-Token`. Never shown in `Debug`, `Display`, errors or traces. |
 //! | `ca_file` | none | PEM file of CA certificates to trust (added to the built-in roots); implies TLS. |
+//! | `cert_file`, `key_file` | none | Client certificate and its key (PEM) for agents with `verify_incoming`; implies TLS. |
 //! | `prefix` | `distlock` | Where lock entries live: `<prefix>/<key>/.lock`. `/`-separated segments of `A–Z a–z 0–9 - _ . ~`; empty puts entries at the root. |
 //! | `session_ttl` | `15s` | TTL of the client's session. Locks need a TTL of at least **twice** this. |
 //! | `session_ttl_min` | `10s` | The agents' `session_ttl_min` (Consul's default is 10 s); `session_ttl` may not be lower. |

@@ -74,6 +74,35 @@ async fn acl_and_tls_work_and_a_wrong_token_is_an_auth_error() {
     );
     g.release().await.unwrap();
 
+    // With a client certificate too (the agent accepts but does not require
+    // one); a key that does not parse is a configuration error.
+    let tls = server.tls().unwrap();
+    let with_cert: ConsulConfig = format!(
+        "{cfg}&cert_file={}&key_file={}",
+        tls.client_cert.display(),
+        tls.client_key.display()
+    )
+    .replace("token=***", &format!("token={token}"))
+    .parse()
+    .unwrap();
+    let mtls = LockClient::new(ConsulBackend::connect(with_cert).await.unwrap());
+    mtls.lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let bad_key: ConsulConfig = format!(
+        "{cfg}&cert_file={}&key_file={}",
+        tls.client_cert.display(),
+        tls.ca_cert.display()
+    )
+    .replace("token=***", &format!("token={token}"))
+    .parse()
+    .unwrap();
+    let err = ConsulBackend::connect(bad_key).await.unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err:?}");
+
     // A wrong token, and no token at all (default deny): Error::Auth, fast.
     let wrong = "00000000-1111-2222-3333-444444444444";
     for cfg in [
