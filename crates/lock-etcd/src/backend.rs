@@ -35,7 +35,7 @@ use tracing::{debug, warn};
 use crate::BACKEND;
 use crate::config::EtcdConfig;
 use crate::errors::{call, is_lease_not_found, map, txn_raw};
-use crate::session::{GateTidy, Session, delete_own, ttl_secs, valid_until};
+use crate::session::{GateTidy, Session, UseGuard, delete_own, ttl_secs, valid_until};
 use crate::watch::Watches;
 
 /// The most operations etcd accepts in one transaction by default
@@ -216,18 +216,20 @@ impl EtcdBackend {
         self.inner.cfg.request_timeout
     }
 
-    /// The live session for `ttl`, granting a lease if there is none.
-    async fn session(&self, ttl: Duration) -> Result<Arc<Session>> {
+    /// The live session for `ttl` (granting a lease if there is none),
+    /// marked in use so that it is not retired while the caller works.
+    async fn session(&self, ttl: Duration) -> Result<UseGuard> {
         let secs = ttl_secs(ttl);
         let mut sessions = self.inner.sessions.lock().await;
-        if let Some(s) = sessions.get(&secs)
-            && !s.is_dead()
-        {
-            return Ok(Arc::clone(s));
+        sessions.retain(|_, s| !s.is_dead());
+        if let Some(used) = sessions.get(&secs).and_then(|s| s.try_use()) {
+            return Ok(used);
         }
         let s = Session::grant(&self.inner.client, ttl, self.timeout()).await?;
         sessions.insert(secs, Arc::clone(&s));
-        Ok(s)
+        s.try_use().ok_or_else(|| {
+            Error::connection(BACKEND, "granting a lease", "the new lease died at once")
+        })
     }
 
     /// One transaction: put our key if absent and read the owner. Like
@@ -436,7 +438,7 @@ impl EtcdBackend {
                 _ = cancel.cancelled() => return Ok(None),
                 s = self.session(req.ttl) => s,
             };
-            let session = match session {
+            let used = match session {
                 Ok(s) => s,
                 Err(e) if wait && e.is_retryable() => {
                     warn!(error = %e, "granting a lease failed; retrying");
@@ -447,6 +449,7 @@ impl EtcdBackend {
                 }
                 Err(e) => return Err(e),
             };
+            let session = Arc::clone(used.session());
             let path = format!("{prefix}{}", session.hex);
             let _tidy = GateTidy(Arc::clone(&session), path.clone());
             let gate = session.gate(&path);
@@ -566,7 +569,8 @@ impl EtcdBackend {
         old: &Arc<Session>,
         ttl: Duration,
     ) -> Result<Instant> {
-        let new = self.session(ttl).await?;
+        let used = self.session(ttl).await?;
+        let new = used.session();
         let txn = Txn::new()
             .when([Compare::create_revision(
                 h.path.clone(),
@@ -596,7 +600,7 @@ impl EtcdBackend {
             return Err(not_held(lease.key()));
         };
         new.adopt(h.path.clone(), entry);
-        h.set_session(Arc::clone(&new));
+        h.set_session(Arc::clone(new));
         let valid = new.validity(sent_at, ttl);
         new.extend_expiry(&h.path, h.rev, sweep_at(valid, ttl));
         debug!(key = %lease.key(), lease = %new.hex, "lock moved to a longer lease");

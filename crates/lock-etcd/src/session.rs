@@ -74,6 +74,8 @@ struct State {
     /// turns here before joining etcd's queue.
     gates: HashMap<String, Arc<Semaphore>>,
     waiters: usize,
+    /// Acquires and extends in progress.
+    users: usize,
     loss_reason: Option<String>,
 }
 
@@ -104,6 +106,23 @@ pub(crate) struct GateTidy(pub(crate) Arc<Session>, pub(crate) String);
 impl Drop for GateTidy {
     fn drop(&mut self) {
         self.0.tidy_gate(&self.1);
+    }
+}
+
+/// Keeps a session from being retired while an operation uses it.
+#[derive(Debug)]
+pub(crate) struct UseGuard(Arc<Session>);
+
+impl UseGuard {
+    /// The session.
+    pub(crate) fn session(&self) -> &Arc<Session> {
+        &self.0
+    }
+}
+
+impl Drop for UseGuard {
+    fn drop(&mut self) {
+        self.0.state().users -= 1;
     }
 }
 
@@ -156,6 +175,7 @@ impl Session {
                 locks: HashMap::new(),
                 gates: HashMap::new(),
                 waiters: 0,
+                users: 0,
                 loss_reason: None,
             }),
             cmd: tx,
@@ -173,6 +193,7 @@ impl Session {
             pending: Vec::new(),
             last_sent: sent,
             dead: session.dead.clone(),
+            idle_since: None,
         };
         tokio::spawn(task.run(rx));
         Ok(session)
@@ -222,6 +243,34 @@ impl Session {
                 loss.trigger(reason.clone());
             }
         }
+    }
+
+    /// Retires the session if nothing uses it (no lock, no waiter, no
+    /// acquire in progress), atomically with respect to
+    /// [`Session::try_use`]; true if it did.
+    fn try_retire(&self) -> bool {
+        let mut st = self.state();
+        if !st.locks.is_empty() || st.waiters > 0 || st.users > 0 {
+            return false;
+        }
+        if st.loss_reason.is_none() {
+            st.loss_reason = Some(format!("etcd lease {} was retired while idle", self.hex));
+        }
+        // Cancelled under the state lock: a concurrent `try_use` either ran
+        // before (and we did not retire) or sees the session dead.
+        self.dead.cancel();
+        true
+    }
+
+    /// Marks the session as in use by an acquire or extend, so that it is
+    /// not retired under it; `None` if it is dead already.
+    pub(crate) fn try_use(self: &Arc<Self>) -> Option<UseGuard> {
+        let mut st = self.state();
+        if self.dead.is_cancelled() {
+            return None;
+        }
+        st.users += 1;
+        Some(UseGuard(Arc::clone(self)))
     }
 
     /// The gate of one etcd key.
@@ -412,9 +461,27 @@ struct KeepAlive {
     pending: Vec<(Instant, oneshot::Sender<Result<Instant>>)>,
     last_sent: Instant,
     dead: CancellationToken,
+    idle_since: Option<Instant>,
+}
+
+/// How long a session without locks or waiters lives on: ten TTLs, at
+/// least five minutes.
+fn idle_retirement(lease_ttl: Duration) -> Duration {
+    (lease_ttl * 10).max(Duration::from_secs(300))
 }
 
 impl KeepAlive {
+    /// Gives the lease back (best effort) and ends the task.
+    async fn retire(&mut self) {
+        self.dead.cancel();
+        self.stream = None;
+        let mut lease = self.client.lease_client();
+        match tokio::time::timeout(self.timeout, lease.revoke(self.id)).await {
+            Ok(Ok(_)) => debug!(lease = %format!("{:x}", self.id), "idle etcd lease revoked"),
+            _ => debug!("revoking the idle lease failed; it expires by itself"),
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
         loop {
             let wake = self.next_wake();
@@ -442,11 +509,7 @@ impl KeepAlive {
         }
         // The client is gone and no lock holds the session any more: give
         // the lease back rather than letting it linger for a TTL.
-        let mut lease = self.client.lease_client();
-        match tokio::time::timeout(self.timeout, lease.revoke(self.id)).await {
-            Ok(Ok(_)) => debug!(lease = %format!("{:x}", self.id), "etcd lease revoked"),
-            _ => debug!("revoking the lease failed; it expires by itself"),
-        }
+        self.retire().await;
     }
 
     fn keepalive_period(&self) -> Duration {
@@ -612,13 +675,30 @@ impl KeepAlive {
             }
         }
         // Idle or waiting sessions keep their lease alive themselves.
-        let (held, waiters) = {
+        let (held, waiters, empty) = {
             let st = session.state();
             (
                 st.locks.values().any(|e| e.expires_at.is_some()),
                 st.waiters,
+                st.locks.is_empty() && st.waiters == 0 && st.users == 0,
             )
         };
+        // A session unused for long is retired (its lease revoked), so that
+        // a client that used many different TTLs does not keep a lease and
+        // keep-alives per TTL for ever. The next lock of that TTL grants a
+        // new lease.
+        let now = Instant::now();
+        if !empty {
+            self.idle_since = None;
+        } else if let Some(since) = self.idle_since {
+            if now >= since + idle_retirement(self.lease_ttl) && session.try_retire() {
+                drop(session);
+                self.retire().await;
+                return;
+            }
+        } else {
+            self.idle_since = Some(now);
+        }
         drop(session);
         let due = Instant::now() >= self.last_sent + self.keepalive_period();
         if due && (!held || waiters > 0) && self.inflight.is_empty() {
