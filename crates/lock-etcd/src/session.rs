@@ -14,9 +14,11 @@
 //! `sent + ttl`, measured on our clock (minus the drift margin of
 //! [`lock_core::deadline`]). Every lock's deadline is computed from the send
 //! time of the last keep-alive that the server confirmed, never from when an
-//! answer arrived: a grant answered late (Jepsen's etcd 3.4.3 analysis found
-//! lock grants delivered after the lease had run out) comes with a deadline
-//! that is already short or past.
+//! answer arrived: a grant answered late (a slow network, a paused process:
+//! the situations behind Jepsen's etcd 3.4.3 finding that lease-based locks
+//! alone do not give mutual exclusion) comes with a deadline that is already
+//! short or past, and a grant whose deadline has passed is confirmed with a
+//! fresh keep-alive or given up.
 //!
 //! # Per-lock expiry on a shared lease
 //! A shared lease outlives each single lock. A lock that is not renewed (the
@@ -33,6 +35,13 @@
 //! A keep-alive answered with TTL 0, or a request failing with "lease not
 //! found", means the lease is gone and with it every key on it: every lock of
 //! the session is reported lost at once through its loss signal.
+//!
+//! # Retirement
+//! A session without locks, waiters or acquires in progress for ten TTLs
+//! (at least five minutes) revokes its lease and ends, so that a client
+//! that used many TTLs does not keep a lease per TTL for ever. The decision
+//! and every acquire's claim on the session are taken under one lock, so a
+//! lease is never revoked under a grant.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
