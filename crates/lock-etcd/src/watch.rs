@@ -288,8 +288,7 @@ impl Task {
     async fn response(&mut self, resp: WatchResponse) {
         let id = resp.watch_id();
         let ended = resp.canceled() || resp.compact_revision() != 0;
-        if let Some(entry) = self.once.get(&id) {
-            let _ = entry;
+        if self.once.contains_key(&id) {
             if ended || !resp.events().is_empty() {
                 if let Some(entry) = self.once.remove(&id) {
                     let _ = entry.fire.send(());

@@ -594,3 +594,48 @@ async fn waiters_share_one_watch_stream_and_one_lease() {
     );
     assert!(started(server, "LeaseKeepAlive") - ka0 <= 2);
 }
+
+/// Extending beyond the TTL the lock was taken with moves its key to a
+/// longer lease: same key, same fencing token, still guarding writes, and
+/// held past the old lease's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_beyond_the_lease_ttl_keeps_key_and_token() {
+    let etcd = Etcd::start().await;
+    let (backend, a) = client(plain_config(&etcd.server, "")).await;
+    let (_, b) = client(plain_config(&etcd.server, "")).await;
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(2))
+        .wait(Wait::No)
+        .auto_renew(false);
+    let g = a.lock_with("moved", &opts).await.unwrap();
+    let (key, token) = (
+        lock_etcd::lock_key(&g.lease()).unwrap().to_string(),
+        g.fencing_token(),
+    );
+    g.extend(Duration::from_secs(8)).await.unwrap();
+    sleep(Duration::from_secs(3)).await;
+    assert!(!g.is_lost());
+    assert!(b.try_lock("moved").await.unwrap().is_none());
+    assert_eq!(lock_etcd::lock_key(&g.lease()).unwrap(), key);
+    assert_eq!(g.fencing_token(), token);
+    let cmp = lock_etcd::ownership_compare(&g.lease()).unwrap();
+    let ok = backend
+        .client()
+        .txn(
+            lock_etcd::etcd_client::Txn::new()
+                .when([cmp])
+                .and_then([lock_etcd::etcd_client::TxnOp::put("moved-data", "x", None)]),
+        )
+        .await
+        .unwrap()
+        .succeeded();
+    assert!(ok);
+    assert!(g.release().await.is_ok());
+    b.try_lock("moved")
+        .await
+        .unwrap()
+        .expect("free")
+        .release()
+        .await
+        .unwrap();
+}
