@@ -220,9 +220,9 @@ impl EtcdConfigBuilder {
         self
     }
 
-    /// Turns TLS on (the system roots are not used: give a CA with
-    /// [`ca_file`](Self::ca_file) unless the server's CA is in the default
-    /// rustls roots bundled by tonic).
+    /// Turns TLS on. No system or bundled root certificates are loaded, so
+    /// give the CA that signed the server's certificate with
+    /// [`ca_file`](Self::ca_file).
     pub fn tls(mut self, on: bool) -> Self {
         self.cfg.tls = if on {
             Some(self.cfg.tls.take().unwrap_or_default())

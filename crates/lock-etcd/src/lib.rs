@@ -129,7 +129,7 @@
 //! | `connect_timeout` | `5s` | connecting and the first check (also bounds how fast an unreachable server is reported) |
 //! | `request_timeout` | `5s` | each request |
 //! | `recheck_interval` | `5s` | fallback re-check of a waiter without a watch event |
-//! | `ca_file` | — | PEM CA for the server certificate (`etcds` only) |
+//! | `ca_file` | — | PEM CA for the server certificate (`etcds` only; needed, since no system roots are loaded) |
 //! | `cert_file`, `key_file` | — | PEM client certificate and key for mutual TLS (`etcds` only, together) |
 //! | `domain` | host | name to verify the server certificate against (`etcds` only) |
 //!
