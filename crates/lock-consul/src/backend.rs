@@ -263,12 +263,10 @@ pub(crate) fn capabilities(cfg: &ConsulConfig) -> Capabilities {
         .fifo(Support::No(
             "Consul KV locks have no queue: waiters race when the key is freed",
         ))
-        .survives_restart(Support::No(
-            "a persistent Consul server keeps sessions and entries across a restart, but a lease \
-             is only kept if the server answers again within the session TTL and the lease's \
-             validity (a restart and election take 1-2 s); otherwise lost() fires. A -dev agent \
-             forgets everything",
-        ))
+        // A persistent server keeps sessions, entries and its Raft index,
+        // and a new leader restarts every session's TTL timer; the lease
+        // survives if the server is back within the session TTL.
+        .survives_restart(Support::Yes)
         .batch_renewal(Support::Yes)
         .recheck_interval(Duration::from_secs(1))
 }
@@ -729,7 +727,13 @@ async fn keepalive(weak: Weak<Shared>) {
         let renew = async {
             sleep_until(next).await;
             let sent = Instant::now();
-            (sent, api.renew_session(&session.id).await)
+            // A renewal that hangs is abandoned after a period, so that
+            // two more can be tried before the session's deadline.
+            let answer = match tokio::time::timeout(period, api.renew_session(&session.id)).await {
+                Ok(r) => r,
+                Err(_) => Err(Failure::Decode("the renewal timed out".into())),
+            };
+            (sent, answer)
         };
         let outcome = tokio::select! {
             r = renew => Some(r),
@@ -747,7 +751,7 @@ async fn keepalive(weak: Weak<Shared>) {
                 shared.session_lost(&session, "Consul invalidated the session", false);
             }
             Some((_, Err(f))) => {
-                let retry = backoff.next_delay().min(period);
+                let retry = backoff.next_delay().min(period / 4);
                 debug!(error = ?f, ?retry, "session renewal failed; retrying");
                 next = Instant::now() + retry;
             }

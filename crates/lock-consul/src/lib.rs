@@ -118,7 +118,7 @@
 //! | fencing | strict (Raft index) |
 //! | push wake-up | yes (blocking queries) |
 //! | fair (FIFO) | no: Consul KV locks have no queue |
-//! | survives restart | no (see below) |
+//! | survives restart | yes, within the session TTL (see below) |
 //! | batch renewal | yes |
 //! | re-check interval | 1 s |
 //!
@@ -165,10 +165,12 @@
 //!   500) may have been applied: the client then reads the entry and deletes
 //!   it if it holds our owner token, before it tries that key again.
 //! - **Restarts**: a persistent server keeps sessions, entries and its Raft
-//!   index across a restart, and a lease survives it if the server is back
-//!   within the session TTL and before the lease's deadline; otherwise the
-//!   loss is reported. A `-dev` agent keeps nothing: after its restart,
-//!   fencing tokens start again from low values.
+//!   index across a restart, and the new leader restarts every session's TTL
+//!   timer, so a lease survives a restart if the server answers again within
+//!   the session TTL (and the lease's own deadline); otherwise the loss is
+//!   reported through `lost()`. A `-dev` agent keeps nothing: after its
+//!   restart every lock is gone and fencing tokens start again from low
+//!   values, so do not use one where fencing matters.
 //! - **Keys** are [`Key::escaped`](lock_core::Key::escaped): names made of
 //!   `A–Z a–z 0–9 - _ . ~` are used as they are (so `consul lock
 //!   <prefix>/<name>` matches), others are percent-encoded.

@@ -1,12 +1,14 @@
 //! The shared conformance suite against a real Consul agent started by the
 //! harness. Fault cases (restart, pause, cut) each get their own persistent
-//! server behind a proxy, so they disturb no other case.
+//! server behind a proxy (started when the case asks for fault control), so
+//! they disturb no other case.
 
 mod common;
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use common::{Env, config, run_blocking, shared};
+use common::{Env, config, config_with_session, run_blocking, shared};
 use conformance::{Factory, Faults};
 use lock_consul::ConsulBackend;
 use lock_core::{Backend, Result};
@@ -19,11 +21,13 @@ struct ConsulFactory {
 #[lock_core::async_trait]
 impl Factory for ConsulFactory {
     async fn backend(&self) -> Result<Arc<dyn Backend>> {
-        let addr = match self.own.get() {
-            Some(env) => env.proxy.addr(),
-            None => shared().proxy.addr(),
+        let cfg = match self.own.get() {
+            // Fault cases: sessions of 4 s outlast a server restart (1-2 s),
+            // so leases survive it as the capabilities declare.
+            Some(env) => config_with_session(env.proxy.addr(), Duration::from_secs(4)),
+            None => config(shared().proxy.addr()),
         };
-        Ok(Arc::new(ConsulBackend::connect(config(addr)).await?))
+        Ok(Arc::new(ConsulBackend::connect(cfg).await?))
     }
 
     fn faults(&self) -> Option<Arc<dyn Faults>> {

@@ -41,7 +41,7 @@ async fn client_at(addr: SocketAddr) -> LockClient {
 fn secure_config(server: &ConsulServer, token: &str) -> ConsulConfig {
     let tls = server.tls().unwrap();
     let url = format!(
-        "consuls://{}?token={token}&ca_file={}&session_ttl_min=1s&session_ttl=1s&lock_delay=0s&request_timeout=2s&prefix=secure",
+        "consuls://{}?token={token}&ca_file={}&session_ttl_min=1s&session_ttl=2s&lock_delay=0s&request_timeout=2s&prefix=secure",
         server.url().trim_start_matches("https://"),
         tls.ca_cert.display(),
     );
@@ -61,13 +61,13 @@ async fn acl_and_tls_work_and_a_wrong_token_is_an_auth_error() {
     let locks = LockClient::new(backend);
     let k = key("acl");
     let g = locks
-        .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+        .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(4)))
         .await
         .unwrap();
     assert!(locks.inspect(&k).await.unwrap().held);
     assert!(
         locks
-            .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+            .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(4)))
             .await
             .unwrap()
             .is_none()
@@ -86,7 +86,7 @@ async fn acl_and_tls_work_and_a_wrong_token_is_an_auth_error() {
     .parse()
     .unwrap();
     let mtls = LockClient::new(ConsulBackend::connect(with_cert).await.unwrap());
-    mtls.lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+    mtls.lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(4)))
         .await
         .unwrap()
         .release()
@@ -250,7 +250,7 @@ fn traces_never_show_the_token() {
             );
             let k = key("trace");
             let g = locks
-                .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+                .lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(4)))
                 .await
                 .unwrap();
             g.release().await.unwrap();
@@ -271,7 +271,7 @@ fn traces_never_show_the_token() {
 async fn guards_of_one_client_exclude_each_other_despite_the_shared_session() {
     let locks = client_at(shared().proxy.addr()).await;
     let k = key("same-client");
-    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let opts = LockOptions::new().ttl(Duration::from_secs(4));
     let first = locks.try_lock_with(&k, &opts).await.unwrap().unwrap();
     // Consul would let our session take the key again; the client must not.
     assert!(locks.try_lock_with(&k, &opts).await.unwrap().is_none());
@@ -322,7 +322,7 @@ async fn an_invalidated_session_fires_lost_on_every_guard() {
         // Only the TTL may invalidate our sessions: no health checks.
         assert_eq!(s["NodeChecks"], serde_json::json!([]), "{s}");
         assert!(s["ServiceChecks"].is_null(), "{s}");
-        assert_eq!(s["TTL"], "1000ms", "{s}");
+        assert_eq!(s["TTL"], "2000ms", "{s}");
         assert_eq!(s["LockDelay"], 0, "{s}");
         assert_eq!(s["Behavior"], "release", "{s}");
     }
@@ -369,7 +369,7 @@ async fn excludes_and_is_excluded_by_the_consul_lock_command() {
     // uses the same entry.
     let prefix = format!("distlock-test/{k}");
     let marker = std::env::temp_dir().join(format!("lock-consul-{k}"));
-    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let opts = LockOptions::new().ttl(Duration::from_secs(4));
 
     // 1. distlock holds: `consul lock` waits until we release.
     let g = locks.lock_with(&k, &opts).await.unwrap();
@@ -503,7 +503,7 @@ async fn uncontended_acquire_and_release_take_two_requests() {
     );
     // The same without the proxy, for the record.
     let direct = client_at(shared().server.http_addr()).await;
-    let opts = LockOptions::new().ttl(Duration::from_secs(2));
+    let opts = LockOptions::new().ttl(Duration::from_secs(4));
     let mut times = Vec::new();
     for _ in 0..rounds {
         let start = Instant::now();
@@ -838,7 +838,7 @@ async fn a_token_without_key_write_is_an_auth_error_on_acquire() {
     );
     let k = key("no-write");
     let err = locks
-        .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(2)))
+        .try_lock_with(&k, &LockOptions::new().ttl(Duration::from_secs(4)))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Auth { .. }), "{err:?}");

@@ -48,14 +48,20 @@ pub fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Test settings: the harness's agents accept 1 s sessions
-/// (`session_ttl_min = "1s"`), so sessions of 1 s (locks of 2 s and more)
-/// and no lock-delay keep the expiry cases fast.
+/// (`session_ttl_min = "1s"`). Sessions of 2 s (locks of 4 s and more) and
+/// no lock-delay keep the expiry cases fast; 1 s sessions proved too tight
+/// on a loaded 2-core machine (a renewal must land within the TTL).
 pub fn config(addr: SocketAddr) -> ConsulConfig {
+    config_with_session(addr, Duration::from_secs(2))
+}
+
+/// [`config`] with another session TTL.
+pub fn config_with_session(addr: SocketAddr, session_ttl: Duration) -> ConsulConfig {
     ConsulConfig::builder()
         .address(addr.to_string())
         .prefix("distlock-test")
         .session_ttl_min(Duration::from_secs(1))
-        .session_ttl(Duration::from_secs(1))
+        .session_ttl(session_ttl)
         .lock_delay(Duration::ZERO)
         .connect_timeout(Duration::from_secs(1))
         .request_timeout(Duration::from_secs(2))
