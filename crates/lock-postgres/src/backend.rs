@@ -245,6 +245,18 @@ impl PostgresBackend {
         format!("{}{}", self.inner.config.prefix, key.as_str())
     }
 
+    /// Lease mode: whether the shared `LISTEN` connection is subscribed right
+    /// now (it starts with the first wait and reconnects by itself). For
+    /// health checks; waiting works without it, by re-checking.
+    pub fn is_listening(&self) -> bool {
+        let slot = self
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().is_some_and(|l| *l.listening.borrow())
+    }
+
     /// The `LISTEN/NOTIFY` channel of this table.
     pub fn channel(&self) -> &str {
         &self.inner.sql.channel

@@ -199,19 +199,20 @@ impl PostgresBackend {
     }
 
     pub(crate) async fn lease_subscribe(&self, key: &Key) -> Result<Subscription> {
-        // Subscribe to the hub first, then make sure the listener runs: a
-        // release committed after `ready` returns is delivered. The hub is
-        // keyed by the key without the prefix; the listener strips it.
+        // No need to wait for the listener to be connected: every time it
+        // (re)connects it wakes all subscribers to re-check, so a release
+        // that happened before `LISTEN` took effect is found by that
+        // re-check. The hub is keyed by the key without the prefix; the
+        // listener strips it.
         let sub = self.inner.hub.subscribe(key);
-        let listener = {
-            let mut slot = self
-                .inner
-                .listener
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            slot.get_or_insert_with(|| Listener::start(self)).clone()
-        };
-        listener.ready(self.inner.config.connect_timeout).await?;
+        let mut slot = self
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(Listener::start(self));
+        }
         Ok(sub)
     }
 }

@@ -16,18 +16,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lock_core::{Backoff, CancellationToken, Error, Key, Result, WakeHub};
+use lock_core::{Backoff, CancellationToken, Key, WakeHub};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use crate::BACKEND;
 use crate::backend::PostgresBackend;
 
-/// Handle to the listener task; clones share it.
+/// Handle to the listener task, which runs until the backend is dropped.
+/// `listening` tells whether it is subscribed right now.
 #[derive(Clone, Debug)]
 pub(crate) struct Listener {
-    ready: watch::Receiver<bool>,
+    pub(crate) listening: watch::Receiver<bool>,
 }
 
 struct Task {
@@ -55,25 +55,7 @@ impl Listener {
             shutdown: inner.shutdown.clone(),
         };
         tokio::spawn(task.run());
-        Listener { ready: rx }
-    }
-
-    /// Waits until the listener is subscribed, at most `limit`.
-    pub(crate) async fn ready(&self, limit: Duration) -> Result<()> {
-        let mut rx = self.ready.clone();
-        match tokio::time::timeout(limit, rx.wait_for(|ok| *ok)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(Error::connection(
-                BACKEND,
-                "waiting for the LISTEN connection",
-                "the listener stopped",
-            )),
-            Err(_) => Err(Error::connection(
-                BACKEND,
-                "waiting for the LISTEN connection",
-                format!("not connected within {limit:?}"),
-            )),
-        }
+        Listener { listening: rx }
     }
 }
 

@@ -415,6 +415,10 @@ async fn restart_with_holder_and_waiter(mode: Mode) {
                 _ = sleep(ttl * 2) => {}
             }
             assert!(
+                waiter_backend.is_listening(),
+                "the listener did not reconnect"
+            );
+            assert!(
                 !waiting.is_finished(),
                 "two holders: the waiter got a lock still held"
             );
