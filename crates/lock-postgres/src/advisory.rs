@@ -314,8 +314,10 @@ impl Advisory {
     ) -> Result<(PoolConnection<Postgres>, i32, Option<i64>, Instant)> {
         let mut attempts = self.shared.pool.num_idle() + 1;
         loop {
-            let mut conn = self.checkout().await?;
+            // Validity counts from before the checkout: the caller's TTL
+            // starts when it asked, not when a connection was free.
             let sent_at = Instant::now();
+            let mut conn = self.checkout().await?;
             let r = tokio::time::timeout(
                 self.shared.request_timeout,
                 self.try_on(&mut conn, id, name),

@@ -373,11 +373,10 @@ async fn restart_with_holder_and_waiter(mode: Mode) {
             .await
             .unwrap(),
     );
-    let waiter = LockClient::new(
-        PostgresBackend::connect(common::config(&server, mode))
-            .await
-            .unwrap(),
-    );
+    let waiter_backend = PostgresBackend::connect(common::config(&server, mode))
+        .await
+        .unwrap();
+    let waiter = LockClient::new(waiter_backend.clone());
     let k = key("restart");
     let ttl = Duration::from_secs(3);
     let g = holder
