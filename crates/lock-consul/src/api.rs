@@ -349,7 +349,11 @@ impl Api {
         Ok(created.id)
     }
 
-    /// Renews a session; `Ok(false)` if Consul no longer knows it.
+    /// Renews a session; `Ok(false)` if the server does not know it.
+    ///
+    /// A new leader may answer before it has applied its whole log, so
+    /// "not found" from a renewal is only a hint: confirm it with
+    /// [`Api::session_gone`].
     pub(crate) async fn renew_session(&self, id: &str) -> Result<bool, Failure> {
         let endpoint = RenewSessionRequest::builder()
             .uuid(id)
@@ -380,6 +384,7 @@ impl Api {
     pub(crate) async fn session_exists(
         &self,
         id: &str,
+        consistent: bool,
         block: Option<(u64, Duration)>,
     ) -> Result<(bool, u64), Failure> {
         let endpoint = ReadSessionRequest::builder()
@@ -387,12 +392,24 @@ impl Api {
             .build()
             .map_err(|e| Failure::Decode(format!("cannot build the request: {e}")))?;
         let mut req = self.prepare(&endpoint)?;
+        if consistent {
+            req.url_mut()
+                .query_pairs_mut()
+                .append_key_only("consistent");
+        }
         let timeout = self.add_blocking(&mut req, block);
         let (status, headers, body) = self.send(req, timeout).await?;
         let index = consul_index(&headers);
         Self::check(status, &body)?;
         let sessions: Option<Vec<SessionEntry>> = Self::decode(&body)?;
         Ok((sessions.is_some_and(|s| !s.is_empty()), index))
+    }
+
+    /// Whether the session is certainly gone: a consistent read (the leader
+    /// confirms its leadership and has applied its log) finds no such
+    /// session. Any error counts as "not certain".
+    pub(crate) async fn session_gone(&self, id: &str) -> bool {
+        matches!(self.session_exists(id, true, None).await, Ok((false, _)))
     }
 
     /// Adds `index` and `wait` to a request; returns its timeout.

@@ -587,10 +587,15 @@ impl Shared {
                     s.renewed(deadline(sent, self.cfg.session_ttl));
                     Ok(())
                 }
-                Ok(false) => Err(Error::LockLost {
+                Ok(false) if self.api.session_gone(&s.id).await => Err(Error::LockLost {
                     key: String::new(),
                     reason: LossReason::SessionLost("Consul no longer knows the session".into()),
                 }),
+                Ok(false) => Err(Error::connection(
+                    BACKEND,
+                    "renewing the session",
+                    "the server did not know the session but a consistent read found it",
+                )),
                 Err(f) => Err(f.into_error("renewing the session")),
             };
             session_result.push((s, r));
@@ -747,8 +752,13 @@ async fn keepalive(weak: Weak<Shared>) {
                 backoff = Backoff::default();
                 next = sent + period;
             }
-            Some((_, Ok(false))) => {
+            Some((_, Ok(false))) if api.session_gone(&session.id).await => {
                 shared.session_lost(&session, "Consul invalidated the session", false);
+            }
+            Some((_, Ok(false))) => {
+                // A leader that has not applied its log yet: try again soon.
+                debug!("session renewal answered 'not found' but the session exists");
+                next = Instant::now() + backoff.next_delay().min(period / 4);
             }
             Some((_, Err(f))) => {
                 let retry = backoff.next_delay().min(period / 4);
@@ -794,7 +804,7 @@ async fn session_watch(weak: Weak<Shared>) {
             index = 0;
         }
         let result = tokio::select! {
-            r = api.session_exists(&session.id, Some((index, wait))) => r,
+            r = api.session_exists(&session.id, false, Some((index, wait))) => r,
             _ = session.dead.cancelled() => continue,
         };
         match result {
@@ -806,10 +816,15 @@ async fn session_watch(weak: Weak<Shared>) {
                     new_index.max(1)
                 };
             }
-            Ok((false, _)) => {
+            Ok((false, _)) if api.session_gone(&session.id).await => {
                 if let Some(shared) = weak.upgrade() {
                     shared.session_lost(&session, "Consul invalidated the session", false);
                 }
+            }
+            Ok((false, _)) => {
+                // A stale answer (a new leader still applying its log).
+                sleep(backoff.next_delay()).await;
+                index = 0;
             }
             Err(f) => {
                 let pause = backoff.next_delay();

@@ -104,9 +104,12 @@
 //!   Consul could invalidate it, and the session is destroyed as soon as the
 //!   server answers). A new session is created for the next acquire.
 //! - **Consistency**: the reads that decide something (the renewal check,
-//!   `inspect`, the cleanup after an acquire whose answer was lost) use
-//!   `?consistent`, so a server that lost leadership cannot answer from stale
-//!   state. Acquire and release are Raft writes. Blocking queries use the
+//!   `inspect`, the cleanup after an acquire whose answer was lost, and the
+//!   confirmation that a session is gone) use `?consistent`, so a server
+//!   that lost leadership, or a new leader that has not applied its log yet,
+//!   cannot answer from stale state. (A new leader answers a session renewal
+//!   with "not found" until it has caught up; the client only believes it
+//!   after a consistent read agrees.) Acquire and release are Raft writes. Blocking queries use the
 //!   default mode: they only wake waiters, who then decide with a write.
 //!
 //! ## Capabilities
