@@ -13,7 +13,7 @@ use server_harness::{ConsulServer, EtcdServer, PostgresServer, RedisServer};
 use crate::raw::consul::RawConsul;
 use crate::raw::etcd::RawEtcd;
 use crate::raw::postgres::{RawPgAdvisory, RawPgLease};
-use crate::raw::redis::RawRedis;
+use crate::raw::redis::{RawRedis, RawRedlock};
 
 /// Opens a new client (own connections) of one backend.
 pub type BackendFactory =
@@ -147,7 +147,8 @@ impl Targets {
             let masters = RedisServer::start_many(3)?;
             let hosts: Vec<String> = masters.iter().map(|m| m.addr().to_string()).collect();
             let url = format!("redlock://{}", hosts.join(","));
-            let raw = rt.block_on(RawRedis::connect(&masters[0].url()))?;
+            let urls: Vec<String> = masters.iter().map(|m| m.url()).collect();
+            let raw = rt.block_on(RawRedlock::connect(&urls))?;
             list.push(Target::new("redlock-3", url_factory(url)).with_raw(Arc::new(raw)));
             servers.push(Box::new(masters));
         }

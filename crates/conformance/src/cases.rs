@@ -598,8 +598,9 @@ pub async fn cancel_racing_grant_releases_it(f: &dyn Factory) {
     }
 }
 
-/// Without renewal, `lost()` fires at the validity deadline, while the store
-/// still holds the lock for us: nobody else can have it yet.
+/// Without renewal, `lost()` fires at the validity deadline, before the
+/// store hands the lock to a waiting client: the waiter's grant arrives
+/// only after the holder was told.
 pub async fn lost_fires_before_expiry_without_renewal(f: &dyn Factory) {
     let (a, b) = (client(f).await, client(f).await);
     let caps = a.capabilities().clone();
@@ -610,18 +611,40 @@ pub async fn lost_fires_before_expiry_without_renewal(f: &dyn Factory) {
         .lock_with(&key, &opts(ttl, Wait::No).auto_renew(false))
         .await
         .unwrap();
+    let k = key.clone();
+    let bound = expiry_bound(&caps, ttl) * 2;
+    let waiter = tokio::spawn(async move {
+        let got = b
+            .lock_with(&k, &opts(long_ttl(&caps), Wait::For(bound)))
+            .await;
+        (Instant::now(), got)
+    });
+    // lost() fires when this deadline passes (the timer of the renewal task;
+    // when the test task sees it may be later on a loaded machine).
+    let deadline = g.valid_until();
+    assert!(
+        deadline - start <= ttl,
+        "valid for {:?}, past the TTL",
+        deadline - start
+    );
     let reason = timeout(ttl + Duration::from_secs(1), g.lost())
         .await
         .expect("lost() never fired");
     assert_eq!(reason, LossReason::Expired);
-    assert!(start.elapsed() <= ttl, "lost() fired after the TTL");
     assert!(g.is_lost());
-    let other = b.try_lock(&key).await.unwrap();
     assert!(
-        other.is_none(),
-        "the store gave the lock away before lost() fired"
+        Instant::now() >= deadline,
+        "lost() fired before the deadline"
     );
-    let _ = g.release().await;
+    let (granted_at, got) = waiter.await.unwrap();
+    let next = got.expect("the waiter never got the expired lock");
+    assert!(
+        granted_at >= deadline,
+        "the store gave the lock away {:?} before our deadline, when lost() fires",
+        deadline - granted_at
+    );
+    assert!(matches!(g.release().await, Err(Error::LockLost { .. })));
+    next.release().await.unwrap();
 }
 
 /// When the store drops our lease behind our back, the renewer finds out

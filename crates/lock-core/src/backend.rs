@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use crate::Key;
 use crate::capabilities::Capabilities;
@@ -203,18 +203,31 @@ pub async fn wait_loop<B: Backend + ?Sized>(
             }
             wake = wake.min(deadline);
         }
-        debug!(key = %req.key, "waiting");
+        let span = debug_span!("wait", key = %req.key, until = ?wake.saturating_duration_since(Instant::now()));
         let woken = async {
             match sub.as_mut() {
                 Some(s) => s.changed().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(None),
-            _ = woken => debug!(key = %req.key, "woken by the store"),
-            _ = sleep_until(wake) => {}
+        let cancelled = async {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => true,
+                _ = woken => {
+                    debug!("woken by the store");
+                    false
+                }
+                _ = sleep_until(wake) => {
+                    debug!("re-checking");
+                    false
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        if cancelled {
+            return Ok(None);
         }
     }
 }

@@ -29,11 +29,15 @@ use crate::renew::{Cmd, Held};
 /// A lease can be lost while you hold the guard: renewal failed until the
 /// validity deadline passed, the store reported the key as no longer ours,
 /// the maximum hold time was reached, or the backend's session died.
-/// [`lost`](LockGuard::lost) completes at that moment, which is *before* the
-/// store could give the lock to anyone else (the deadline keeps a
-/// [safety margin](crate::safety_margin)). Stop touching the protected
-/// resource when it fires, and always pass the
-/// [fencing token](LockGuard::fencing_token) along with your writes.
+/// [`lost`](LockGuard::lost) completes at that moment. When the lease runs
+/// out, that is *before* the store could give the lock to anyone else (the
+/// deadline keeps a [safety margin](crate::safety_margin)). One case is
+/// beyond any client's reach: a store that forgets leases when it restarts
+/// (see [`Capabilities::survives_restart`](crate::Capabilities)) can grant
+/// the lock again before the old holder's next renewal finds out. That is
+/// why you stop touching the protected resource when `lost` fires *and*
+/// always pass the [fencing token](LockGuard::fencing_token) along with
+/// your writes: the token still orders the two holders.
 #[must_use = "the lock is released as soon as the guard is dropped"]
 pub struct LockGuard {
     pub(crate) client: Arc<Inner>,
