@@ -98,6 +98,9 @@ fn hash(seed: u64, table: &str, key: &str) -> u64 {
 /// declared `expiry_grace`).
 const EXPIRY_SLACK: Duration = Duration::from_millis(10);
 
+/// How long to wait for a cancelled lock wait to end before cancelling again.
+const CANCEL_RETRY: Duration = Duration::from_millis(100);
+
 /// Advisory-mode state of one client.
 pub(crate) struct Advisory {
     shared: Arc<Shared>,
@@ -448,7 +451,10 @@ impl Advisory {
                         None => std::future::pending().await,
                     }
                 };
+                // `biased`: poll the statement first, so it is on its way
+                // before we look at cancel and deadline.
                 let first = tokio::select! {
+                    biased;
                     r = &mut fut => Some(r),
                     _ = cancel.cancelled() => None,
                     _ = stop => None,
@@ -458,11 +464,16 @@ impl Advisory {
                     Some(r) => Some(r),
                     None => {
                         // Leave the queue: cancel the blocked statement from
-                        // another connection, then wait for it to end.
-                        cancel_backend(b, pid).await;
-                        tokio::time::timeout(self.shared.request_timeout, &mut fut)
-                            .await
-                            .ok()
+                        // another connection and wait for it to end. A cancel
+                        // that reaches the session before the statement does
+                        // is ignored by the server, so repeat it.
+                        let give_up = Instant::now() + self.shared.request_timeout;
+                        let mut r = None;
+                        while r.is_none() && Instant::now() < give_up {
+                            cancel_backend(b, pid).await;
+                            r = tokio::time::timeout(CANCEL_RETRY, &mut fut).await.ok();
+                        }
+                        r
                     }
                 };
                 match r {

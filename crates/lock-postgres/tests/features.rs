@@ -515,3 +515,64 @@ async fn fencing_survives_restart_under_load() {
         lease.fencing_token()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advisory_waits_leave_no_queue_entry_on_the_server() {
+    let server = common::shared();
+    let holder_backend = PostgresBackend::connect(common::config(server, Mode::Advisory))
+        .await
+        .unwrap();
+    let holder = LockClient::new(holder_backend.clone());
+    let waiter = LockClient::new(
+        PostgresBackend::connect(common::config(server, Mode::Advisory))
+            .await
+            .unwrap(),
+    );
+    let k = key("queue");
+    let g = holder.lock(&k).await.unwrap();
+    let waiters = || async { holder_backend.inspect(&k).await.unwrap().waiters };
+
+    // A wait that times out.
+    let err = waiter
+        .lock_with(
+            &k,
+            &LockOptions::new().wait(Wait::For(Duration::from_millis(300))),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert_eq!(
+        waiters().await,
+        Some(0),
+        "a timed-out waiter is still queued"
+    );
+
+    // A wait whose future is dropped.
+    let w = waiter.clone();
+    let k2 = k.clone();
+    let task = tokio::spawn(async move { w.lock(&k2).await });
+    let start = Instant::now();
+    while waiters().await != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the waiter never queued"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    task.abort();
+    let start = Instant::now();
+    while waiters().await != Some(0) {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a cancelled waiter stayed in the server's queue"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    g.release().await.unwrap();
+    let again = waiter
+        .try_lock(&k)
+        .await
+        .unwrap()
+        .expect("free after release");
+    again.release().await.unwrap();
+}
