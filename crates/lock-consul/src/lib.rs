@@ -155,6 +155,17 @@
 //!   milliseconds (at the latest at the next renewal, within
 //!   `session_ttl / 3`, if that query is disconnected); a lock-delay above
 //!   that keeps anyone else from locking before the old holder knows.
+//! - **Validity and the session**: a lease's
+//!   [`valid_until`](lock_core::LockGuard::valid_until) is its own TTL from
+//!   the last grant or renewal. Its session, renewed for every lock of the
+//!   client together, bounds it as well: if the session cannot be renewed
+//!   until its own deadline (`session_ttl` after the last renewal was sent,
+//!   minus the margin), every lease on it is reported lost at that moment,
+//!   which may be before `valid_until`. So check
+//!   [`is_lost`](lock_core::LockGuard::is_lost) or await
+//!   [`lost`](lock_core::LockGuard::lost), not `valid_until` alone. (Folding
+//!   the session deadline into `valid_until` would make lock-core's renewer,
+//!   which schedules by the requested TTL, renew continuously.)
 //! - **Clocks**: validity is measured on the local monotonic clock, from
 //!   when a request was sent, minus 1% + 2 ms; it assumes the clocks of
 //!   client and server do not drift apart by more than that over a TTL. No
