@@ -282,7 +282,8 @@ impl Shared {
         }
         let ttl = self.cfg.session_ttl;
         let sent = Instant::now();
-        let name = format!("distlock client {}", self.id);
+        // Shown by `consul session list`: which process holds what.
+        let name = format!("distlock (pid {}, client {})", std::process::id(), self.id);
         let id = self
             .api
             .create_session(&name, ttl, self.cfg.lock_delay, self.cfg.behavior)
