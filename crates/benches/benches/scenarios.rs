@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use benches::report::{LatencySamples, ScenarioResults, read_json, write_json, write_report};
-use benches::scenarios::{hammer, handoff, many_held, many_keys};
+use benches::scenarios::{hammer, handoff, many_held, many_held_here, many_keys};
 use benches::{Targets, report_dir, target_dir};
 
 fn machine() -> String {
@@ -30,7 +30,43 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}; {date}; servers on loopback, started by server-harness")
 }
 
+/// `--many-held-child URL LOCKS TTL_MS PERIODS`: measure holding many locks
+/// in this (fresh) process and print the result as one JSON line.
+fn many_held_child(args: &[String]) -> ! {
+    let parsed = (|| -> Option<(String, usize, u64, u32)> {
+        Some((
+            args.first()?.clone(),
+            args.get(1)?.parse().ok()?,
+            args.get(2)?.parse().ok()?,
+            args.get(3)?.parse().ok()?,
+        ))
+    })();
+    let Some((url, locks, ttl_ms, periods)) = parsed else {
+        eprintln!("usage: --many-held-child URL LOCKS TTL_MS PERIODS");
+        std::process::exit(2);
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt
+        .block_on(many_held_here(
+            &url,
+            locks,
+            Duration::from_millis(ttl_ms),
+            periods,
+        ))
+        .map_err(|e| e.to_string());
+    println!("{}", serde_json::to_string(&result).unwrap_or_default());
+    std::process::exit(0);
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--many-held-child") {
+        many_held_child(&args[2..]);
+    }
     let bench_mode = std::env::args().any(|a| a == "--bench");
     let quick = benches::quick_mode() || !bench_mode;
     let filter = if bench_mode {
@@ -65,58 +101,70 @@ fn main() {
         quick,
         ..Default::default()
     };
-    let per_target =
-        handoff_run + hammer_run * 4 + keys_run + Duration::from_secs(2) * held_periods;
-    let total = per_target * targets.list.len() as u32;
     let started = std::time::Instant::now();
+    let n = targets.list.len();
     for (i, t) in targets.list.iter().enumerate() {
-        let left = total.saturating_sub(started.elapsed());
-        eprintln!(
-            "[{}/{}] scenarios on {} (about {} s left)",
-            i + 1,
-            targets.list.len(),
-            t.name,
-            left.as_secs()
-        );
-        let run = async {
-            eprintln!("  handoff: 8 workers, hold 5 ms, think 20 ms");
-            let h = handoff(
-                t,
-                8,
-                Duration::from_millis(5),
-                Duration::from_millis(20),
-                handoff_run,
-            )
-            .await?;
-            results.handoff.insert(t.name.clone(), h);
-            let mut runs = Vec::new();
-            let fifo = t.client().await?.capabilities().fifo.is_supported();
-            for fair in [false, true] {
-                if fair && !fifo {
-                    continue;
-                }
-                for workers in [8, 32] {
-                    eprintln!(
-                        "  hammer: {workers} workers, {}",
-                        if fair { "fair" } else { "default" }
-                    );
-                    runs.push(hammer(t, workers, 4, fair, hammer_run).await?);
+        let left = if i == 0 {
+            "estimating".to_owned()
+        } else {
+            let per = started.elapsed() / i as u32;
+            format!("about {} s left", (per * (n - i) as u32).as_secs())
+        };
+        eprintln!("[{}/{n}] scenarios on {} ({left})", i + 1, t.name);
+        let mut failed: Vec<(String, String)> = Vec::new();
+        let mut fail = |scenario: &str, e: lock_core::BoxError| {
+            eprintln!("  {scenario} FAILED: {e}");
+            failed.push((format!("{}: {scenario}", t.name), e.to_string()));
+        };
+        eprintln!("  handoff: 8 workers, hold 5 ms, think 20 ms");
+        match rt.block_on(handoff(
+            t,
+            8,
+            Duration::from_millis(5),
+            Duration::from_millis(20),
+            handoff_run,
+        )) {
+            Ok(h) => {
+                results.handoff.insert(t.name.clone(), h);
+            }
+            Err(e) => fail("handoff", e),
+        }
+        let fifo = rt
+            .block_on(t.client())
+            .map(|c| c.capabilities().fifo.is_supported())
+            .unwrap_or(false);
+        let mut runs = Vec::new();
+        for fair in [false, true] {
+            if fair && !fifo {
+                continue;
+            }
+            for workers in [8, 32] {
+                let mode = if fair { "fair" } else { "default" };
+                eprintln!("  hammer: {workers} workers, {mode}");
+                match rt.block_on(hammer(t, workers, 4, fair, hammer_run)) {
+                    Ok(r) => runs.push(r),
+                    Err(e) => fail(&format!("hammer {workers} {mode}"), e),
                 }
             }
-            results.hammer.insert(t.name.clone(), runs);
-            eprintln!("  many keys: 32 workers over 1,000 keys");
-            results
-                .many_keys
-                .insert(t.name.clone(), many_keys(t, 32, 1000, keys_run).await?);
-            eprintln!("  holding {held_locks} locks for {held_periods} TTL periods");
-            let held = many_held(t, held_locks, Duration::from_secs(2), held_periods).await?;
-            results.many_held.insert(t.name.clone(), held);
-            Ok::<(), lock_core::BoxError>(())
-        };
-        if let Err(e) = rt.block_on(run) {
-            eprintln!("  FAILED: {e}");
-            results.failures.insert(t.name.clone(), e.to_string());
         }
+        results.hammer.insert(t.name.clone(), runs);
+        eprintln!("  many keys: 32 workers over 1,000 keys");
+        match rt.block_on(many_keys(t, 32, 1000, keys_run)) {
+            Ok(r) => {
+                results.many_keys.insert(t.name.clone(), r);
+            }
+            Err(e) => fail("many keys", e),
+        }
+        eprintln!(
+            "  holding {held_locks} locks for {held_periods} TTL periods (in a fresh process)"
+        );
+        match many_held(t, held_locks, Duration::from_secs(2), held_periods) {
+            Ok(r) => {
+                results.many_held.insert(t.name.clone(), r);
+            }
+            Err(e) => fail("many held", e),
+        }
+        results.failures.extend(failed);
     }
     let dir = report_dir();
     if let Err(e) = write_json(&dir.join("scenarios.json"), &results) {

@@ -248,20 +248,56 @@ pub struct ManyHeld {
 }
 
 /// One client takes `locks` locks with auto-renew and holds them for
-/// `periods` TTLs.
-pub async fn many_held(
+/// `periods` TTLs, in a fresh child process (this benchmark binary run with
+/// `--many-held-child`), so its memory and CPU figures are its own.
+pub fn many_held(
     target: &Target,
     locks: usize,
     ttl: Duration,
     periods: u32,
 ) -> Result<ManyHeld, BoxError> {
-    let counting = Counting::new(target.backend().await?);
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--many-held-child", &target.url])
+        .args([
+            locks.to_string(),
+            ttl.as_millis().to_string(),
+            periods.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("the measuring process failed ({})", out.status).into());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .last()
+        .ok_or("the measuring process printed nothing")?;
+    let result: Result<ManyHeld, String> = serde_json::from_str(line)?;
+    Ok(result?)
+}
+
+/// The measurement behind [`many_held`], in this process: open the store at
+/// `url`, take `locks` locks, hold them for `periods` TTLs.
+pub async fn many_held_here(
+    url: &str,
+    locks: usize,
+    ttl: Duration,
+    periods: u32,
+) -> Result<ManyHeld, BoxError> {
+    let counting = Counting::new(distlock::backend(url).await?);
     let client = LockClient::from_arc(counting.clone());
     let ttl = ttl_for(&client, ttl);
     let opts = LockOptions::new()
         .ttl(ttl)
-        .wait(Wait::For(Duration::from_secs(60)));
+        .wait(Wait::For(Duration::from_secs(10)));
     let base = key("held");
+    // Warm up the client (connections, sessions, tasks) before the baseline.
+    client
+        .lock_with(format!("{base}-warm"), &opts)
+        .await?
+        .release()
+        .await?;
     let rss_before = rss_bytes();
     let mut guards = Vec::with_capacity(locks);
     // Acquire in waves so the server is not flooded.
@@ -272,7 +308,8 @@ pub async fn many_held(
         )
         .await;
         for g in got {
-            guards.push(g?);
+            let held = guards.len();
+            guards.push(g.map_err(|e| format!("after {held} locks: {e}"))?);
         }
     }
     let rss_after = rss_bytes();

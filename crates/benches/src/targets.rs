@@ -26,17 +26,27 @@ pub struct Target {
     pub name: String,
     /// The raw baseline of the same store, if there is one.
     pub raw: Option<Arc<dyn RawLock>>,
+    /// The URL a separate process can open the same store with.
+    pub url: String,
     factory: BackendFactory,
 }
 
 impl Target {
     /// A target named `name` whose clients come from `factory`.
-    pub fn new(name: impl Into<String>, factory: BackendFactory) -> Self {
+    pub fn new(name: impl Into<String>, url: impl Into<String>, factory: BackendFactory) -> Self {
         Target {
             name: name.into(),
             raw: None,
+            url: url.into(),
             factory,
         }
+    }
+
+    /// A target for the store at `url`, opened through the `distlock` facade.
+    pub fn from_url(name: impl Into<String>, url: impl Into<String>) -> Self {
+        let url = url.into();
+        let factory = url_factory(url.clone());
+        Target::new(name, url, factory)
     }
 
     /// Sets the raw baseline.
@@ -134,13 +144,16 @@ impl Targets {
                 let store = store.clone();
                 Box::pin(async move { Ok(Arc::new(store) as Arc<dyn Backend>) })
             });
-            list.push(Target::new("memory", factory).with_raw(Arc::new(RawMemory::default())));
+            list.push(
+                Target::new("memory", "memory://", factory)
+                    .with_raw(Arc::new(RawMemory::default())),
+            );
         }
         if wanted("redis") {
             let server = RedisServer::start()?;
             let url = server.url();
             let raw = rt.block_on(RawRedis::connect(&url))?;
-            list.push(Target::new("redis", url_factory(url)).with_raw(Arc::new(raw)));
+            list.push(Target::from_url("redis", url).with_raw(Arc::new(raw)));
             servers.push(Box::new(server));
         }
         if wanted("redlock") {
@@ -149,7 +162,7 @@ impl Targets {
             let url = format!("redlock://{}", hosts.join(","));
             let urls: Vec<String> = masters.iter().map(|m| m.url()).collect();
             let raw = rt.block_on(RawRedlock::connect(&urls))?;
-            list.push(Target::new("redlock-3", url_factory(url)).with_raw(Arc::new(raw)));
+            list.push(Target::from_url("redlock-3", url).with_raw(Arc::new(raw)));
             servers.push(Box::new(masters));
         }
         if wanted("etcd") {
@@ -157,7 +170,7 @@ impl Targets {
             let http = server.url();
             let raw = rt.block_on(RawEtcd::connect(&http))?;
             let url = http.replace("http://", "etcd://");
-            list.push(Target::new("etcd", url_factory(url)).with_raw(Arc::new(raw)));
+            list.push(Target::from_url("etcd", url).with_raw(Arc::new(raw)));
             servers.push(Box::new(server));
         }
         if wanted("consul") {
@@ -165,7 +178,7 @@ impl Targets {
             let http = server.url();
             let raw = rt.block_on(RawConsul::connect(&http))?;
             let url = http.replace("http://", "consul://");
-            list.push(Target::new("consul", url_factory(url)).with_raw(Arc::new(raw)));
+            list.push(Target::from_url("consul", url).with_raw(Arc::new(raw)));
             servers.push(Box::new(server));
         }
         if wanted("postgres") {
@@ -174,16 +187,12 @@ impl Targets {
             let sep = if url.contains('?') { '&' } else { '?' };
             if wanted("postgres-lease") {
                 let raw = rt.block_on(RawPgLease::connect(&url))?;
-                list.push(
-                    Target::new("postgres-lease", url_factory(url.clone())).with_raw(Arc::new(raw)),
-                );
+                list.push(Target::from_url("postgres-lease", url.clone()).with_raw(Arc::new(raw)));
             }
             if wanted("postgres-advisory") {
                 let raw = rt.block_on(RawPgAdvisory::connect(&url))?;
                 let advisory = format!("{url}{sep}distlock_mode=advisory");
-                list.push(
-                    Target::new("postgres-advisory", url_factory(advisory)).with_raw(Arc::new(raw)),
-                );
+                list.push(Target::from_url("postgres-advisory", advisory).with_raw(Arc::new(raw)));
             }
             servers.push(Box::new(server));
         }

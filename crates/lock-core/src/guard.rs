@@ -116,7 +116,7 @@ impl LockGuard {
             .await
         {
             Ok(valid_until) => {
-                self.held.lease().set_validity(ttl, valid_until);
+                self.held.set_validity(ttl, valid_until);
                 self.client.renewer.notify(Cmd::Reschedule(self.held.id));
                 Ok(())
             }

@@ -35,6 +35,8 @@ pub(crate) struct Held {
     pub(crate) done: AtomicBool,
     /// Renewal was cut short by the maximum hold time.
     capped: AtomicBool,
+    /// When the current validity was granted (acquire, renewal or extend).
+    granted_at: Mutex<Instant>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -53,6 +55,7 @@ impl Held {
             auto_renew,
             done: AtomicBool::new(false),
             capped: AtomicBool::new(false),
+            granted_at: Mutex::new(Instant::now()),
         }
     }
 
@@ -64,6 +67,21 @@ impl Held {
 
     pub(crate) fn valid_until(&self) -> Instant {
         self.lease().valid_until()
+    }
+
+    /// Records a successful renewal or extension.
+    pub(crate) fn set_validity(&self, ttl: Duration, valid_until: Instant) {
+        self.lease().set_validity(ttl, valid_until);
+        *self.granted_at.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// When to renew: a third of the way through the validity the backend
+    /// granted (not the TTL asked for, so a backend that bounds validity by a
+    /// shared session is renewed at the right pace).
+    fn renew_at(&self) -> Instant {
+        let granted = *self.granted_at.lock().unwrap_or_else(|e| e.into_inner());
+        let valid_until = self.valid_until();
+        granted + valid_until.saturating_duration_since(granted) / 3
     }
 
     /// Fires the loss signal once, with a trace event.
@@ -246,9 +264,7 @@ impl Task {
         let now = Instant::now();
         let renew = held.auto_renew && !entry.in_flight && held.next_ttl(now, min_ttl).is_some();
         let (due, kind) = if renew {
-            let ttl = held.lease().ttl();
-            let at =
-                retry_at.unwrap_or_else(|| valid_until.checked_sub(ttl * 2 / 3).unwrap_or(now));
+            let at = retry_at.unwrap_or_else(|| held.renew_at());
             if at < valid_until {
                 (at, Due::Renew)
             } else {
@@ -335,7 +351,7 @@ impl Task {
                 debug!(ok = results.iter().filter(|r| r.is_ok()).count(), "renewed");
                 for ((id, result), held) in ids.into_iter().zip(results).zip(held) {
                     if let Ok(valid_until) = &result {
-                        held.lease().set_validity(ttl, *valid_until);
+                        held.set_validity(ttl, *valid_until);
                     }
                     let _ = tx.send(Cmd::Renewed(id, result));
                 }
