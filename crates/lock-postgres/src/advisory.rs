@@ -56,7 +56,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
-use crate::backend::PostgresBackend;
+use crate::backend::{PostgresBackend, pool_attempt};
 use crate::config::PostgresConfig;
 use crate::error::{is_connection_error, pg_error, timed_out};
 
@@ -112,6 +112,7 @@ struct Shared {
     namespace: String,
     app_name: String,
     request_timeout: Duration,
+    connect_timeout: Duration,
     try_lock: Arc<str>,
     lock: Arc<str>,
     unlock: Arc<str>,
@@ -237,7 +238,7 @@ impl Advisory {
         let pool = PgPoolOptions::new()
             .max_connections(config.advisory_pool_size)
             .min_connections(0)
-            .acquire_timeout(config.connect_timeout)
+            .acquire_timeout(pool_attempt(config.connect_timeout))
             .test_before_acquire(false)
             .idle_timeout(Duration::from_secs(60))
             .connect_lazy_with(opts);
@@ -248,6 +249,7 @@ impl Advisory {
             namespace: config.table.qualified(),
             app_name: config.application_name.clone(),
             request_timeout: config.request_timeout,
+            connect_timeout: config.connect_timeout,
             try_lock: format!(
                 "SELECT pid, t, CASE WHEN t IS NOT NULL THEN set_config('application_name', $2 || t::text, false) END \
                  FROM (SELECT pg_backend_pid() AS pid, \
@@ -284,12 +286,19 @@ impl Advisory {
         (id, format!("dl:{tag:016x}:"))
     }
 
+    /// A connection for one lock, waiting up to the connect timeout in
+    /// short pool attempts (see `pool_attempt`).
     async fn checkout(&self) -> Result<PoolConnection<Postgres>> {
-        self.shared
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| pg_error(e, "opening a connection for an advisory lock"))
+        let start = Instant::now();
+        let attempt = pool_attempt(self.shared.connect_timeout);
+        loop {
+            match self.shared.pool.acquire().await {
+                Ok(conn) => return Ok(conn),
+                Err(sqlx::Error::PoolTimedOut)
+                    if start.elapsed() + attempt <= self.shared.connect_timeout => {}
+                Err(e) => return Err(pg_error(e, "opening a connection for an advisory lock")),
+            }
+        }
     }
 
     /// One `pg_try_advisory_lock` on a pooled connection; `Ok(Err(conn))`

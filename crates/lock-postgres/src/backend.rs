@@ -144,6 +144,16 @@ impl Sql {
     }
 }
 
+/// How long one pool checkout may try to connect. sqlx backs off up to a
+/// fifth of this between connection attempts, so a short attempt (retried
+/// by [`PostgresBackend::run`] up to the connect timeout) notices a
+/// restarted server sooner than one long attempt would.
+pub(crate) fn pool_attempt(connect_timeout: Duration) -> Duration {
+    (connect_timeout / 4)
+        .max(Duration::from_millis(250))
+        .min(connect_timeout)
+}
+
 pub(crate) fn q(sql: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
     AssertSqlSafe(Arc::clone(sql))
 }
@@ -192,7 +202,7 @@ impl PostgresBackend {
         let pool = PgPoolOptions::new()
             .max_connections(config.pool_size)
             .min_connections(0)
-            .acquire_timeout(config.connect_timeout)
+            .acquire_timeout(pool_attempt(config.connect_timeout))
             // Testing idle connections before use would cost a round trip
             // per statement; broken ones are retried instead (see `run`).
             .test_before_acquire(false)
@@ -288,26 +298,27 @@ impl PostgresBackend {
         }
         let ctx = "preparing the lease table";
         if c.create_schema {
-            let work = async {
+            let work = |_| async {
                 let mut tx = self.inner.pool.begin().await?;
                 // Concurrent first starts would race on the catalog
                 // ("duplicate key ... pg_type"); serialize them.
                 sqlx::query("SELECT pg_advisory_xact_lock(7306086361911412021)")
                     .execute(&mut *tx)
                     .await?;
-                for s in statements {
-                    sqlx::query(AssertSqlSafe(s)).execute(&mut *tx).await?;
+                for s in &statements {
+                    sqlx::query(AssertSqlSafe(s.as_str()))
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await
             };
-            self.timed(ctx, work).await?;
+            self.run(ctx, work).await?;
         }
         // Fencing is only strict with an uncached sequence: with CACHE n each
         // session hands out its own block of values, out of time order.
         let seq = format!("{table}_fencing");
         let row = self
-            .timed(
-                ctx,
+            .run(ctx, |_| {
                 sqlx::query(
                     "SELECT cache_size, \
                        (SELECT count(*) FROM pg_tables WHERE schemaname = $1 AND tablename = $3) \
@@ -316,8 +327,8 @@ impl PostgresBackend {
                 .bind(schema)
                 .bind(&seq)
                 .bind(table)
-                .fetch_optional(&self.inner.pool),
-            )
+                .fetch_optional(&self.inner.pool)
+            })
             .await?;
         let Some(row) = row else {
             return Err(lock_core::Error::config(
@@ -372,26 +383,37 @@ impl PostgresBackend {
         F: FnMut(usize) -> Fut,
         Fut: Future<Output = std::result::Result<T, sqlx::Error>>,
     {
-        let attempts = self.inner.config.pool_size as usize + 1;
+        let config = &self.inner.config;
+        // Broken pooled connections are dropped one per failure: allow one
+        // attempt per pooled connection plus a fresh one.
+        let attempts = config.pool_size as usize + 1;
         let start = Instant::now();
-        let limit = self.inner.config.request_timeout + self.inner.config.connect_timeout;
+        let limit = config.request_timeout + config.connect_timeout;
         let mut n = 0;
+        let mut broken = 0;
         loop {
             let left = limit.saturating_sub(start.elapsed());
-            match tokio::time::timeout(left, make(n)).await {
+            let e = match tokio::time::timeout(left, make(n)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e))
-                    if is_connection_error(&e)
-                        && n + 1 < attempts
-                        && !matches!(e, sqlx::Error::PoolTimedOut)
-                        && start.elapsed() < limit =>
-                {
-                    debug!(error = %e, attempt = n, "{ctx}: connection failed; retrying");
-                    n += 1;
-                }
-                Ok(Err(e)) => return Err(pg_error(e, ctx)),
+                Ok(Err(e)) => e,
                 Err(_) => return Err(timed_out(ctx, limit)),
+            };
+            let retry = if matches!(e, sqlx::Error::PoolTimedOut) {
+                // No connection within one (short) pool attempt: the server
+                // may be restarting. Keep trying for the connect timeout, so
+                // we notice its return within a pool attempt's backoff.
+                start.elapsed() + pool_attempt(config.connect_timeout) <= config.connect_timeout
+            } else if is_connection_error(&e) {
+                broken += 1;
+                broken < attempts
+            } else {
+                false
+            };
+            if !retry || start.elapsed() >= limit {
+                return Err(pg_error(e, ctx));
             }
+            debug!(error = %e, attempt = n, "{ctx}: connection failed; retrying");
+            n += 1;
         }
     }
 

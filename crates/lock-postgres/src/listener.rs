@@ -64,7 +64,7 @@ impl Task {
         // A pool of one, only so that sqlx's listener can reconnect itself.
         let pool = PgPoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(self.connect_timeout)
+            .acquire_timeout(crate::backend::pool_attempt(self.connect_timeout))
             .idle_timeout(None)
             .max_lifetime(None)
             .test_before_acquire(false)

@@ -400,7 +400,7 @@ async fn restart_with_holder_and_waiter(mode: Mode) {
     assert!(!waiting.is_finished(), "the waiter got a held lock");
 
     let s = Arc::clone(&server);
-    tokio::task::spawn_blocking(move || s.restart())
+    tokio::task::spawn_blocking(move || common::restart_all(&s))
         .await
         .unwrap()
         .expect("restart");
@@ -490,7 +490,7 @@ async fn fencing_survives_restart_under_load() {
         assert!(backend.release(&lease).await.unwrap());
     }
     let s = Arc::clone(&server);
-    tokio::task::spawn_blocking(move || s.restart())
+    tokio::task::spawn_blocking(move || common::restart_all(&s))
         .await
         .unwrap()
         .unwrap();

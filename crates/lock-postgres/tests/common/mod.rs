@@ -101,7 +101,7 @@ async fn blocking(
 #[lock_core::async_trait]
 impl conformance::Faults for PgFaults {
     async fn restart(&self) -> Result<(), String> {
-        blocking(&self.0, |s| s.restart()).await
+        blocking(&self.0, restart_all).await
     }
     async fn pause(&self) -> Result<(), String> {
         blocking(&self.0, |s| {
@@ -130,17 +130,38 @@ impl conformance::Faults for PgFaults {
     }
 }
 
+/// Kills the postmaster *and* its children (a crash of the whole server),
+/// then starts it again on the same data. The harness's kill reaches only
+/// the postmaster (see [`signal_children`]); orphaned backends would keep
+/// answering on open connections for a moment, which no real crash does.
+pub fn restart_all(server: &PostgresServer) -> server_harness::Result<()> {
+    let children = children(server);
+    server.stop()?;
+    for pid in children {
+        let _ = server_harness::signal_process_group(pid, "KILL");
+    }
+    server.restart()
+}
+
 /// PostgreSQL's child processes (backends, checkpointer, ...) each call
 /// `setsid()`, so the harness's process-group signal reaches only the
 /// postmaster: existing connections would keep working through a "pause".
 /// Signal every child of the postmaster as well.
 fn signal_children(server: &PostgresServer, signal: &str) {
+    for pid in children(server) {
+        let _ = server_harness::signal_process_group(pid, signal);
+    }
+}
+
+/// The postmaster's child processes, from /proc.
+fn children(server: &PostgresServer) -> Vec<u32> {
     let Some(postmaster) = server.pid() else {
-        return;
+        return Vec::new();
     };
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for entry in entries.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
@@ -157,7 +178,8 @@ fn signal_children(server: &PostgresServer, signal: &str) {
             .nth(1)
             .and_then(|p| p.parse::<u32>().ok());
         if ppid == Some(postmaster) {
-            let _ = server_harness::signal_process_group(pid, signal);
+            out.push(pid);
         }
     }
+    out
 }
