@@ -14,7 +14,7 @@ use lock_core::{
     AcquireRequest, Attempt, Backend, Error, FencingToken, Key, LockClient, LockOptions, Wait,
 };
 use lock_postgres::{Mode, PostgresBackend, PostgresConfig, SslMode, TableName, fence};
-use server_harness::{PostgresServer, Server};
+use server_harness::PostgresServer;
 use sqlx::Row;
 use tokio::time::{Instant, sleep, timeout};
 
