@@ -60,10 +60,14 @@ use crate::backend::{PostgresBackend, pool_attempt};
 use crate::config::PostgresConfig;
 use crate::error::{is_connection_error, pg_error, timed_out};
 
-/// The advisory lock id of a stored key: FNV-1a 64 over the table name, a
-/// 0xFF separator and the key's UTF-8 bytes, then the SplitMix64 finalizer,
-/// as a signed 64-bit integer. Stable across versions and platforms, so
-/// programs in other languages can compute it too.
+/// The advisory lock id of a stored key (prefix + key) for a table
+/// (`schema.table`): FNV-1a 64 (offset basis 0xcbf29ce484222325, prime
+/// 0x100000001b3) over the table name's bytes, one 0xFF byte (never part of
+/// UTF-8, so the split is unambiguous) and the key's UTF-8 bytes, then the
+/// SplitMix64 finalizer (`x ^= x >> 30; x *= 0xbf58476d1ce4e5b9;
+/// x ^= x >> 27; x *= 0x94d049bb133111eb; x ^= x >> 31`), read as a
+/// two's-complement `i64`. Stable across versions and platforms, so
+/// programs in other languages can take or watch the same lock.
 ///
 /// ```
 /// let a = lock_postgres::advisory_lock_id("public.distlock_leases", "order-42");
@@ -651,8 +655,14 @@ mod tests {
 
     #[test]
     fn ids_are_stable_and_distinct() {
-        // Pinned values: other programs compute the same ids.
+        // Pinned values (checked against an independent Python version of
+        // the documented algorithm): other programs compute the same ids.
         let a = lock_id("public.distlock_leases", "order-42");
+        assert_eq!(a, -735_970_519_450_328_168);
+        assert_eq!(
+            key_tag("public.distlock_leases", "order-42"),
+            18_008_323_215_190_842_436
+        );
         assert_eq!(a, lock_id("public.distlock_leases", "order-42"));
         assert_ne!(a, lock_id("public.distlock_leases", "order-43"));
         assert_ne!(a, lock_id("other.distlock_leases", "order-42"));
