@@ -87,6 +87,7 @@ async fn scram_and_tls_work_and_the_password_never_shows() {
     assert_eq!(method, "scram-sha-256");
     let locks = LockClient::new(backend);
     let g = locks.lock(key("tls")).await.unwrap();
+    let owner = g.lease().owner().to_hex();
     g.release().await.unwrap();
 
     // Wrong password: Error::Auth, quickly, without the attempted password.
