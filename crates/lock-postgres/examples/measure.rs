@@ -66,7 +66,7 @@ async fn main() {
                     .unwrap();
                 (Instant::now(), lease)
             });
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             let released = Instant::now();
             assert!(a.release(&held).await.unwrap());
             let (got, lease) = waiter.await.unwrap();

@@ -16,13 +16,16 @@
 //! | fair (FIFO) | no | yes |
 //!
 //! Measured on the 2-core development machine (`examples/measure.rs`,
-//! release build, fsync on, loopback, medians; the machine was shared and
-//! loaded, so treat them as upper bounds): advisory cycle 0.29–0.39 ms and
-//! release-to-waiter handoff 0.32–0.51 ms; lease cycle 1.0 ms and handoff
-//! 1.7 ms (the two fsynced commits dominate: the same two statements in
-//! `pgbench` cost the same with or without the `pg_notify`). On an idle
-//! machine the shared notes measured 0.16 ms (advisory) and 0.65 ms (lease
-//! table) for the bare statements.
+//! release build, fsync on, loopback, medians of 2000 cycles and 200
+//! handoffs, four runs; the machine was shared and loaded, so treat them
+//! as upper bounds): advisory cycle 0.29–0.40 ms, release-to-waiter
+//! handoff 0.32–0.55 ms; lease cycle 0.96–1.12 ms (2.9 ms in one run under
+//! heavy load), handoff 1.7–1.9 ms
+//! (`NOTIFY` delivery plus the waiter's fsynced commit). The two fsynced
+//! commits dominate the lease cycle: the same two statements in `pgbench`
+//! cost the same with or without the `pg_notify`. On an idle machine the
+//! shared notes measured 0.16 ms (advisory) and 0.65 ms (lease table) for
+//! the bare statements.
 //!
 //! ## Example
 //!
