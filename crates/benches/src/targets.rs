@@ -177,7 +177,13 @@ impl Targets {
             let server = ConsulServer::start()?;
             let http = server.url();
             let raw = rt.block_on(RawConsul::connect(&http))?;
-            let url = http.replace("http://", "consul://");
+            // The harness's agents accept sessions from 1 s (`session_ttl_min`);
+            // 2 s sessions make the shortest lock TTL 4 s instead of 30 s, and
+            // no lock-delay, as in the conformance suite.
+            let url = format!(
+                "{}?session_ttl=2s&session_ttl_min=1s&lock_delay=0s",
+                http.replace("http://", "consul://")
+            );
             list.push(Target::from_url("consul", url).with_raw(Arc::new(raw)));
             servers.push(Box::new(server));
         }
