@@ -427,11 +427,11 @@ impl Advisory {
                 _ = cancel.cancelled() => return Ok(None),
                 r = self.try_once(id, &name) => r,
             };
-            let (mut conn, pid, token) = match tried {
+            let (mut conn, pid) = match tried {
                 Ok((conn, _, Some(t), sent_at)) => {
                     return Ok(Some(self.grant(req, conn, id, t, sent_at)));
                 }
-                Ok((conn, pid, None, _)) => (conn, pid, None::<i64>),
+                Ok((conn, pid, None, _)) => (conn, pid),
                 Err(e) if e.is_retryable() => {
                     let pause = backoff.next_delay();
                     warn!(error = %e, retry_in = ?pause, "advisory acquire failed; retrying");
@@ -448,7 +448,6 @@ impl Advisory {
                 }
                 Err(e) => return Err(e),
             };
-            debug_assert!(token.is_none());
             if until.is_some_and(|u| Instant::now() >= u) {
                 return Ok(None);
             }
@@ -517,7 +516,12 @@ impl Advisory {
                     if !e.is_retryable() {
                         return Err(e);
                     }
-                    warn!(error = %e, "advisory wait failed; retrying");
+                    let pause = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?pause, "advisory wait failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(None),
+                        _ = sleep_until(Instant::now() + pause) => {}
+                    }
                 }
             }
         }

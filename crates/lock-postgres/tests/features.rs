@@ -127,6 +127,7 @@ async fn scram_and_tls_work_and_the_password_never_shows() {
         !logged.contains("not-the-password-xyz"),
         "a password was logged"
     );
+    assert!(!logged.contains(&owner), "an owner token was logged");
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
