@@ -75,7 +75,7 @@ impl Sql {
         let left = "CASE WHEN expires_at <= clock_timestamp() THEN 0::int8 \
                     ELSE (EXTRACT(EPOCH FROM (expires_at - clock_timestamp())) * 1000000)::int8 END";
         Sql {
-            channel: format!("distlock:{t}"),
+            channel: channel_name(&t),
             // One statement: insert, or take over a row whose lease ran out
             // (by the database clock). `l.fencing < EXCLUDED.fencing` keeps
             // tokens strictly increasing per key even if a statement that
@@ -152,6 +152,18 @@ pub(crate) fn pool_attempt(connect_timeout: Duration) -> Duration {
     (connect_timeout / 4)
         .max(Duration::from_millis(250))
         .min(connect_timeout)
+}
+
+/// The `LISTEN/NOTIFY` channel of a table: `distlock:<schema.table>`, or,
+/// when that would pass PostgreSQL's 63-byte identifier limit (names are
+/// up to 40 + 40 bytes), `distlock:<64-bit hash of schema.table in hex>`.
+pub(crate) fn channel_name(qualified: &str) -> String {
+    let plain = format!("distlock:{qualified}");
+    if plain.len() <= 63 {
+        plain
+    } else {
+        format!("distlock:{:016x}", crate::advisory::key_tag(qualified, ""))
+    }
 }
 
 pub(crate) fn q(sql: &Arc<str>) -> AssertSqlSafe<Arc<str>> {
@@ -491,5 +503,25 @@ impl Backend for PostgresBackend {
             Some(a) => a.inspect(self, key).await,
             None => self.lease_inspect(key).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channel_names_fit_postgres_identifiers() {
+        assert_eq!(
+            channel_name("public.distlock_leases"),
+            "distlock:public.distlock_leases"
+        );
+        let long = format!("{}.{}", "s".repeat(40), "t".repeat(40));
+        let c = channel_name(&long);
+        assert!(c.len() <= 63 && c.starts_with("distlock:"), "{c}");
+        assert_ne!(
+            c,
+            channel_name(&format!("{}.{}", "s".repeat(40), "u".repeat(40)))
+        );
     }
 }

@@ -125,7 +125,8 @@
 //!
 //! A waiter subscribes to the client's [`WakeHub`](lock_core::WakeHub) and
 //! tries; the client's one `LISTEN` connection (started with the first
-//! wait, on channel `distlock:<schema.table>`) turns each release's
+//! wait, on channel `distlock:<schema.table>`, or a hash of the name when
+//! that passes 63 bytes) turns each release's
 //! notification into a wake-up. Every client listening on a table hears
 //! every release on it (a few dozen bytes each); the hub drops those
 //! nobody waits for. Notifications sent while the listener reconnects are

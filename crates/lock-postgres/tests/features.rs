@@ -578,3 +578,35 @@ async fn advisory_waits_leave_no_queue_entry_on_the_server() {
         .expect("free after release");
     again.release().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn longest_table_names_work_including_wakeups() {
+    let server = common::shared();
+    let mut config = common::config(server, Mode::Lease);
+    config.table = TableName::new(&"s".repeat(40), &"t".repeat(40)).unwrap();
+    let a = LockClient::new(PostgresBackend::connect(config.clone()).await.unwrap());
+    let b = LockClient::new(PostgresBackend::connect(config).await.unwrap());
+    let k = key("long");
+    let g = a.lock(&k).await.unwrap();
+    let k2 = k.clone();
+    let waiter = tokio::spawn(async move {
+        let w = b
+            .lock_with(
+                &k2,
+                &LockOptions::new().wait(Wait::For(Duration::from_secs(10))),
+            )
+            .await;
+        (w, Instant::now())
+    });
+    sleep(Duration::from_millis(300)).await;
+    let released = Instant::now();
+    g.release().await.unwrap();
+    let (w, got) = waiter.await.unwrap();
+    w.unwrap().release().await.unwrap();
+    // Woken by NOTIFY, not by the 2 s fallback re-check.
+    assert!(
+        got - released < Duration::from_secs(1),
+        "{:?}",
+        got - released
+    );
+}
