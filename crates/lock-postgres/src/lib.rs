@@ -85,7 +85,10 @@
 //! ## Migration (lease mode)
 //!
 //! The backend creates what it needs when missing (`distlock_create=true`,
-//! needs `CREATE` on the schema). To create it yourself, for a table
+//! needs `CREATE` on the schema; for a role without it, create the objects
+//! once with another role and set `distlock_create=false`). With
+//! `distlock_create=false` the backend checks that the table and sequence
+//! exist and refuses to start otherwise. To create them yourself, for a table
 //! `app.locks`:
 //!
 //! ```sql
