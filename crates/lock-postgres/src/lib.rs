@@ -163,7 +163,11 @@
 //!   if locks must survive a failover; advisory locks never survive one.
 //! * **Advisory mode**: each held lock pins a connection (a server process)
 //!   until release; size `max_connections` for your peak number of held
-//!   *and waiting* locks. Keys are hashed to 64-bit lock ids; a collision
+//!   *and waiting* locks. When all `distlock_advisory_pool_size`
+//!   connections are in use, a `try_lock` waits up to the connect timeout
+//!   for one and then fails with a retryable `Error::Connection`; a waiting
+//!   `lock` keeps retrying until its deadline.
+//!   Keys are hashed to 64-bit lock ids; a collision
 //!   makes two keys exclude each other (never two holders of one key) and is
 //!   detected by [`inspect`](lock_core::Backend::inspect) (see
 //!   [`advisory_lock_id`]). A killed connection frees the lock on the server
