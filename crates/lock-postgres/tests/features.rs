@@ -402,10 +402,12 @@ async fn restart_with_holder_and_waiter(mode: Mode) {
     assert!(!waiting.is_finished(), "the waiter got a held lock");
 
     let s = Arc::clone(&server);
+    let restart_began = Instant::now();
     tokio::task::spawn_blocking(move || common::restart_all(&s))
         .await
         .unwrap()
         .expect("restart");
+    eprintln!("{mode}: the restart took {:?}", restart_began.elapsed());
 
     match mode {
         Mode::Lease => {
