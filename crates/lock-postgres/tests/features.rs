@@ -104,6 +104,7 @@ async fn scram_and_tls_work_and_the_password_never_shows() {
     for text in [err.to_string(), format!("{err:?}"), source_chain(&err)] {
         assert!(!text.contains("not-the-password-xyz"), "{text}");
         assert!(!text.contains(&password), "{text}");
+        assert!(!text.contains(&owner), "{text}");
     }
 
     // TLS required by the client but the CA does not match: refused, typed.
