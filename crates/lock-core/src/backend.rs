@@ -155,9 +155,9 @@ pub fn not_held(key: &Key) -> Error {
 
 /// The shared waiting algorithm behind [`Backend::acquire`].
 ///
-/// Subscribes first (so no release is missed), then loops: try; if held,
-/// sleep until a wake-up, the holder's expiry, the (jittered) re-check
-/// interval or the deadline, whichever is first. Retryable errors back off
+/// Tries once; if the key is held, subscribes (so no release is missed),
+/// then loops: try; if held, sleep until a wake-up, the holder's expiry, the
+/// (jittered) re-check interval or the deadline, whichever is first. Retryable errors back off
 /// with jitter and are retried until the deadline; others end the wait.
 pub async fn wait_loop<B: Backend + ?Sized>(
     backend: &B,
@@ -166,6 +166,17 @@ pub async fn wait_loop<B: Backend + ?Sized>(
     cancel: &CancellationToken,
 ) -> Result<Option<Lease>> {
     let caps = backend.capabilities();
+    // The first attempt goes out before subscribing, so an uncontended
+    // `lock` costs the one round trip of `try_lock`. Only a held key needs a
+    // subscription, and then the key is tried once more right away: a
+    // release between the first attempt and the subscription would
+    // otherwise be missed.
+    match backend.try_acquire(req).await {
+        Ok(Attempt::Granted(lease)) => return Ok(Some(lease)),
+        Ok(Attempt::Held { .. }) => {}
+        Err(e) if e.is_retryable() => warn!(error = %e, "acquire attempt failed; retrying"),
+        Err(e) => return Err(e),
+    }
     let mut sub: Option<Subscription> = None;
     let mut backoff = Backoff::default();
     loop {

@@ -38,10 +38,14 @@
 //! `Arc` and call them via `tokio::task::spawn_blocking`, or use
 //! `#[tokio::test(flavor = "multi_thread")]` and `tokio::task::block_in_place`:
 //!
-//! ```ignore
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use server_harness::{PostgresServer, Server};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let pg = Arc::new(PostgresServer::start()?);
 //! let pg2 = pg.clone();
-//! tokio::task::spawn_blocking(move || pg2.restart()).await.unwrap()?;
+//! tokio::task::spawn_blocking(move || pg2.restart()).await??;
+//! # Ok(()) }
 //! ```
 //!
 //! # Binaries

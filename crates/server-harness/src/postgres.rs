@@ -313,20 +313,46 @@ impl PostgresServer {
     }
 }
 
+/// PostgreSQL's child processes (backends, checkpointer, walwriter, ...)
+/// each call `setsid()`, so a signal to the postmaster's process group does
+/// not reach them: a "paused" server would go on answering on open
+/// connections, and after a kill its orphaned backends would answer for a
+/// moment. The fault controls therefore signal every child as well.
+impl PostgresServer {
+    fn children(&self) -> Vec<u32> {
+        self.pid()
+            .map(crate::process::children_of)
+            .unwrap_or_default()
+    }
+
+    fn signal_children(children: &[u32], signal: &str) {
+        for pid in children {
+            let _ = crate::process::signal_group(*pid, signal);
+        }
+    }
+}
+
 impl Server for PostgresServer {
     fn describe(&self) -> String {
         self.managed.describe()
     }
     fn stop(&self) -> Result<()> {
-        self.managed.stop()
+        let children = self.children();
+        self.managed.stop()?;
+        Self::signal_children(&children, "KILL");
+        Ok(())
     }
     fn restart(&self) -> Result<()> {
+        self.stop()?;
         self.managed.restart()
     }
     fn pause(&self) -> Result<()> {
-        self.managed.pause()
+        self.managed.pause()?;
+        Self::signal_children(&self.children(), "STOP");
+        Ok(())
     }
     fn resume(&self) -> Result<()> {
+        Self::signal_children(&self.children(), "CONT");
         self.managed.resume()
     }
     fn is_running(&self) -> bool {

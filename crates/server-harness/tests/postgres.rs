@@ -79,3 +79,41 @@ fn secure_postgres_needs_password_and_speaks_tls() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("password authentication failed"), "{err}");
 }
+
+/// PostgreSQL's backends run in their own sessions (`setsid`); pausing must
+/// freeze a connection that is already open too, not only new ones.
+#[test]
+fn pause_freezes_open_connections() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+
+    let pg = PostgresServer::start().expect("start postgres");
+    let mut psql = std::process::Command::new(pg.bin_dir().join("psql"))
+        .args(["-X", "-A", "-t", "-q", &pg.url()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = psql.stdin.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = BufReader::new(psql.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    writeln!(stdin, "SELECT 1;").unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "1");
+
+    pg.pause().unwrap();
+    writeln!(stdin, "SELECT 2;").unwrap();
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "an open connection answered while the server was paused"
+    );
+    pg.resume().unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "2");
+    drop(stdin);
+    let _ = psql.wait();
+}
