@@ -162,7 +162,16 @@ fn main() {
         eprintln!(
             "  holding {held_locks} locks for {held_periods} TTL periods (in a fresh process)"
         );
-        match many_held(t, held_locks, HELD_TTL, held_periods) {
+        match many_held(
+            t,
+            held_locks,
+            if quick {
+                Duration::from_secs(2)
+            } else {
+                HELD_TTL
+            },
+            held_periods,
+        ) {
             Ok(r) => {
                 results.many_held.insert(t.name.clone(), r);
             }
