@@ -8,14 +8,46 @@ use std::time::{Duration, Instant};
 use benches::report::{LatencySamples, read_json, write_json};
 use benches::stats::summarize;
 use benches::{Targets, report_dir};
-use criterion::Criterion;
+use criterion::{BenchmarkGroup, Criterion, measurement::WallTime};
+use futures::future::BoxFuture;
 
 type Samples = Arc<Mutex<BTreeMap<String, Vec<Duration>>>>;
 
-fn record(samples: &Samples, id: &str, d: Duration) {
-    if let Ok(mut s) = samples.lock() {
-        s.entry(id.to_owned()).or_default().push(d);
-    }
+/// One timed operation; it panics if the store misbehaves (a held key
+/// granted, a free key refused), which stops the benchmark loudly.
+type Op = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Benches `op` as `group/id`, timing each call on its own so the report can
+/// give a p99 next to criterion's median.
+fn bench(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    group_name: &str,
+    rt: &tokio::runtime::Runtime,
+    samples: &Samples,
+    id: &str,
+    op: Op,
+) {
+    let key = format!("{group_name}/{id}");
+    group.bench_function(id, |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (op, samples, key) = (op.clone(), samples.clone(), key.clone());
+            async move {
+                let mut total = Duration::ZERO;
+                let mut taken = Vec::with_capacity(iters as usize);
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    op().await;
+                    let d = start.elapsed();
+                    taken.push(d);
+                    total += d;
+                }
+                if let Ok(mut s) = samples.lock() {
+                    s.entry(key).or_default().extend(taken);
+                }
+                total
+            }
+        })
+    });
 }
 
 fn main() {
@@ -35,56 +67,37 @@ fn main() {
         .configure_from_args();
     let samples: Samples = Arc::default();
 
-    let mut group = c.benchmark_group("uncontended");
+    const CYCLE: &str = "uncontended";
+    let mut group = c.benchmark_group(CYCLE);
     for t in &targets.list {
         let client = rt.block_on(t.client()).expect("client");
         let key = format!("bench-cycle-{}-{:08x}", t.name, rand::random::<u32>());
-        let (s, id) = (samples.clone(), format!("uncontended/{}", t.name));
-        group.bench_function(&t.name, |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (client, key, s, id) = (client.clone(), key.clone(), s.clone(), id.clone());
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        let guard = client
-                            .try_lock(key.as_str())
-                            .await
-                            .expect("acquire")
-                            .expect("free");
-                        guard.release().await.expect("release");
-                        let d = start.elapsed();
-                        record(&s, &id, d);
-                        total += d;
-                    }
-                    total
-                }
+        let op: Op = Arc::new(move || {
+            let (client, key) = (client.clone(), key.clone());
+            Box::pin(async move {
+                let guard = client
+                    .try_lock(key.as_str())
+                    .await
+                    .expect("acquire")
+                    .expect("free");
+                guard.release().await.expect("release");
             })
         });
-        if let Some(raw) = &t.raw {
-            let (s, id) = (samples.clone(), format!("uncontended/{}", raw.name()));
+        bench(&mut group, CYCLE, &rt, &samples, &t.name, op);
+        if let Some(raw) = t.raw.clone() {
             let key = format!("bench-rawcycle-{}-{:08x}", t.name, rand::random::<u32>());
-            group.bench_function(raw.name(), |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (raw, key, s, id) = (raw.clone(), key.clone(), s.clone(), id.clone());
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let start = Instant::now();
-                            raw.cycle(&key).await.expect("raw cycle");
-                            let d = start.elapsed();
-                            record(&s, &id, d);
-                            total += d;
-                        }
-                        total
-                    }
-                })
+            let name = raw.name();
+            let op: Op = Arc::new(move || {
+                let (raw, key) = (raw.clone(), key.clone());
+                Box::pin(async move { raw.cycle(&key).await.expect("raw cycle") })
             });
+            bench(&mut group, CYCLE, &rt, &samples, &name, op);
         }
     }
     group.finish();
 
-    let mut group = c.benchmark_group("try_lock_held");
+    const HELD: &str = "try_lock_held";
+    let mut group = c.benchmark_group(HELD);
     for t in &targets.list {
         let holder = rt.block_on(t.client()).expect("client");
         let other = rt.block_on(t.client()).expect("client");
@@ -93,44 +106,23 @@ fn main() {
             .block_on(holder.try_lock(key.as_str()))
             .expect("hold")
             .expect("free");
-        let (s, id) = (samples.clone(), format!("try_lock_held/{}", t.name));
-        group.bench_function(&t.name, |b| {
-            b.to_async(&rt).iter_custom(|iters| {
-                let (other, key, s, id) = (other.clone(), key.clone(), s.clone(), id.clone());
-                async move {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let start = Instant::now();
-                        let got = other.try_lock(key.as_str()).await.expect("try_lock");
-                        assert!(got.is_none(), "a held key was granted");
-                        let d = start.elapsed();
-                        record(&s, &id, d);
-                        total += d;
-                    }
-                    total
-                }
+        let op: Op = Arc::new(move || {
+            let (other, key) = (other.clone(), key.clone());
+            Box::pin(async move {
+                let got = other.try_lock(key.as_str()).await.expect("try_lock");
+                assert!(got.is_none(), "a held key was granted");
             })
         });
-        if let Some(raw) = &t.raw {
+        bench(&mut group, HELD, &rt, &samples, &t.name, op);
+        if let Some(raw) = t.raw.clone() {
             let key = format!("bench-rawheld-{}-{:08x}", t.name, rand::random::<u32>());
             rt.block_on(raw.hold(&key)).expect("raw hold");
-            let (s, id) = (samples.clone(), format!("try_lock_held/{}", raw.name()));
-            group.bench_function(raw.name(), |b| {
-                b.to_async(&rt).iter_custom(|iters| {
-                    let (raw, key, s, id) = (raw.clone(), key.clone(), s.clone(), id.clone());
-                    async move {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            let start = Instant::now();
-                            raw.try_held(&key).await.expect("raw try");
-                            let d = start.elapsed();
-                            record(&s, &id, d);
-                            total += d;
-                        }
-                        total
-                    }
-                })
+            let name = raw.name();
+            let op: Op = Arc::new(move || {
+                let (raw, key) = (raw.clone(), key.clone());
+                Box::pin(async move { raw.try_held(&key).await.expect("raw try") })
             });
+            bench(&mut group, HELD, &rt, &samples, &name, op);
         }
         rt.block_on(guard.release()).expect("release");
     }
