@@ -290,7 +290,7 @@ pub async fn many_held_here(
     let ttl = ttl_for(&client, ttl);
     let opts = LockOptions::new()
         .ttl(ttl)
-        .wait(Wait::For(Duration::from_secs(10)));
+        .wait(Wait::For(Duration::from_secs(3)));
     let base = key("held");
     // Warm up the client (connections, sessions, tasks) before the baseline.
     client
