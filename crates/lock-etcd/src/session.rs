@@ -525,16 +525,33 @@ impl KeepAlive {
         (self.lease_ttl / 6).max(Duration::from_millis(200))
     }
 
+    /// When `tick` next has something to do. It must never lie in the past
+    /// for something `tick` will not do, or the task spins.
     fn next_wake(&self) -> Instant {
-        let mut wake = self.last_sent + self.keepalive_period();
+        let now = Instant::now();
+        let mut wake = now + self.keepalive_period();
+        let mut sends_itself = true;
         if let Some(s) = self.session.upgrade() {
             let st = s.state();
+            let mut held = false;
             for e in st.locks.values() {
                 match e.expires_at {
-                    Some(at) => wake = wake.min(at),
-                    None => wake = wake.min(Instant::now() + Duration::from_millis(500)),
+                    Some(at) => {
+                        held = true;
+                        wake = wake.min(at);
+                    }
+                    None => wake = wake.min(now + Duration::from_millis(500)),
                 }
             }
+            // `tick` sends keep-alives only for an idle session or one with
+            // waiters; held locks are kept alive by their renewals.
+            sends_itself = !held || st.waiters > 0;
+        }
+        match self.inflight.front() {
+            // An answer is awaited: `tick` only checks it for a timeout.
+            Some(sent) => wake = wake.min(*sent + self.timeout),
+            None if sends_itself => wake = wake.min(self.last_sent + self.keepalive_period()),
+            None => {}
         }
         wake
     }
